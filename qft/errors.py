@@ -1,0 +1,12 @@
+"""One error type for everything a user can get wrong: a problem and its fix, printed as one line."""
+
+from __future__ import annotations
+
+
+class QftError(Exception):
+    """A user-facing error. ``str(err)`` is one line: what is wrong, then how to fix it."""
+
+    def __init__(self, problem: str, fix: str):
+        self.problem = problem.rstrip(".")
+        self.fix = fix.rstrip(".")
+        super().__init__(f"{self.problem}. Fix: {self.fix}.")
