@@ -1,0 +1,81 @@
+"""``qft bench``: qft's training paths against the stock stack, side by side, in one run.
+
+Each path runs in its own process (so one path's allocator state never leaks into another's peak),
+at the same model shape, batch, sequence length, LoRA rank, optimizer and checkpointing setting, on
+random-weight models of real shapes (memory and speed do not depend on the weights' values).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qft.bench.shapes import SHAPES, environment, make_random_checkpoint
+from qft.errors import QftError
+
+SUITES = {
+    # path name -> what it is; the first entries are the stock baselines the ratios are taken against
+    "qlora": {
+        "stock-peft": "peft docs: bnb NF4 + prepare_model_for_kbit_training + get_peft_model, TRL SFTTrainer",
+        "stock-trl": "TRL docs: bnb NF4 model + SFTTrainer(peft_config=LoraConfig)",
+        "qft": "qft finetune --method qlora: bnb NF4 + lean RMSNorm/SwiGLU + SFTTrainer(peft_config)",
+    },
+}
+
+
+def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmup: int, rank: int,
+              gradient_checkpointing: bool, out: Path | None, log=print, optim: str = "adamw_torch") -> dict:
+    if suite not in SUITES:
+        raise QftError(f"unknown benchmark suite {suite!r}", f"choose one of {', '.join(SUITES)}")
+    if shape not in SHAPES:
+        raise QftError(f"unknown shape {shape!r}", f"choose one of {', '.join(SHAPES)}")
+    if min(batch, seq, steps, rank) <= 0 or warmup < 0:
+        raise QftError("--batch, --seq, --steps and --lora-r must be positive", "pass positive numbers")
+    root = Path(os.environ.get("QFT_BENCH_DIR", tempfile.gettempdir())) / "qft-bench"
+    ckpt = make_random_checkpoint(shape, root / shape, log=log)
+    rows = {}
+    for path, what in SUITES[suite].items():
+        log(f"[{suite}] {path}: {what}")
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            result_file = f.name
+        cmd = [sys.executable, "-m", "qft.bench.worker", "--suite", suite, "--path", path, "--model", str(ckpt),
+               "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup),
+               "--rank", str(rank), "--optim", optim, "--result", result_file]
+        if gradient_checkpointing:
+            cmd.append("--gradient-checkpointing")
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+            rows[path] = {"error": "\n".join(tail)}
+            log(f"  failed:\n" + "\n".join(tail))
+            continue
+        rows[path] = json.loads(Path(result_file).read_text())
+        os.unlink(result_file)
+        log(f"  peak {rows[path]['peak_gib']:.2f} GiB, {rows[path]['tokens_per_s']:.0f} tokens/s "
+            f"({time.time() - t0:.0f} s)")
+    ratios = {}
+    for base in (p for p in SUITES[suite] if p.startswith("stock")):
+        b, q = rows.get(base, {}), rows.get("qft", {})
+        if "peak_gib" in b and "peak_gib" in q:
+            ratios[f"qft/{base}"] = {
+                "memory": round(q["peak_gib"] / b["peak_gib"], 3),
+                "speed": round(q["tokens_per_s"] / b["tokens_per_s"], 3),
+            }
+    result = {
+        "suite": suite, "shape": shape, "shape_config": SHAPES[shape], "batch": batch, "seq": seq,
+        "steps": steps, "warmup": warmup, "lora_r": rank, "optim": optim,
+        "gradient_checkpointing": gradient_checkpointing, "paths": SUITES[suite], "results": rows,
+        "ratios": ratios, "environment": environment(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    if out is not None:
+        from qft.io import write_json_atomic
+
+        write_json_atomic(out, result)
+    return result

@@ -1,0 +1,3 @@
+from qft.cli.main import main
+
+main()

@@ -1,0 +1,35 @@
+"""Benchmark qft against the stock stack, side by side in one run (peak memory, tokens/s, ratios).
+
+Run it on a GPU: `qft bench qlora --shape llama3-8b --out benchmarks/results/qlora-8b.json`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from qft.cli.common import console, user_errors
+
+
+@user_errors
+def bench_command(
+    suite: str = typer.Argument("qlora", help="What to benchmark: qlora."),
+    shape: str = typer.Option("tinyllama-1.1b", "--shape", help="Model shape: llama3-8b, tinyllama-1.1b or tiny."),
+    batch: int = typer.Option(4, "--batch", help="Sequences per step."),
+    seq: int = typer.Option(512, "--seq", help="Tokens per sequence."),
+    steps: int = typer.Option(10, "--steps", help="Timed steps (after warm-up steps)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed warm-up steps."),
+    rank: int = typer.Option(16, "--lora-r", help="LoRA rank."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Checkpoint on both paths."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON results here."),
+) -> None:
+    from qft.bench import run_suite
+
+    result = run_suite(suite, shape=shape, batch=batch, seq=seq, steps=steps, warmup=warmup, rank=rank,
+                       gradient_checkpointing=gradient_checkpointing, out=out,
+                       log=lambda m: console.print(m, highlight=False))
+    from qft.bench.report import render
+
+    render(result, console)

@@ -1,0 +1,52 @@
+"""Shared CLI plumbing: one-line errors, YAML configs merged under command-line flags."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from qft.errors import QftError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2):
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn):
+    """Run a command; a QftError (or Ctrl-C) ends it with one line and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except QftError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted; nothing already saved was changed", code=130)
+
+    return wrapper
+
+
+def load_yaml(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    if not path.exists():
+        raise QftError(f"config file {path} does not exist", "check the --config path")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise QftError(f"config file {path} is not valid YAML{where}", "fix the YAML syntax") from exc
+    if not isinstance(values, dict):
+        raise QftError(f"config file {path} must be a mapping of option: value", "write one `key: value` per line")
+    return {k.replace("-", "_"): v for k, v in values.items()}

@@ -1,0 +1,31 @@
+"""Composes qft's commands into one typer app, and turns user errors into one-line messages."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from qft.cli import bench, finetune, methods
+
+app = typer.Typer(
+    name="qft",
+    help="Memory-efficient fine-tuning of Hugging Face LLMs: QLoRA, PEQA, QST, SpIEL, MeZO, Sparse-MeZO.\n\n"
+         "Start with `qft finetune` (no arguments: a small offline demo), then `qft finetune --help`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("finetune", help=finetune.__doc__)(finetune.finetune_command)
+app.command("methods", help=methods.__doc__)(methods.methods_command)
+app.command("bench", help=bench.__doc__)(bench.bench_command)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The catalog of qft's methods: what each is, where it comes from, and whether it works in this version."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    summary: str
+    paper: str
+    working: bool
+    note: str = ""
+
+
+METHODS = (
+    MethodInfo("qlora", "LoRA on all linear layers over a 4-bit NF4 base (double quant, paged 8-bit AdamW on GPU)",
+               "Dettmers et al., 2023, arXiv:2305.14314", True, "saves a standard peft LoRA adapter"),
+    MethodInfo("peqa", "quantize the base to 2/3/4-bit integers and train only the quantization scales",
+               "Kim et al., 2023, arXiv:2305.14152", False, "planned (issue 3)"),
+    MethodInfo("qst", "frozen 4-bit LLM + small side network fed by its hidden states; no backprop through the LLM",
+               "Zhang et al., 2024, arXiv:2401.07159", False, "planned (issue 4)"),
+    MethodInfo("spiel", "sparse weight deltas with periodic drop and regrow, over float or NF4 bases",
+               "Ansell et al., 2024, arXiv:2401.16405", False, "planned (issue 5)"),
+    MethodInfo("mezo", "zeroth-order SGD from forward passes only, at inference memory",
+               "Malladi et al., 2023, arXiv:2305.17333", False, "planned (issue 6)"),
+    MethodInfo("sparse-mezo", "MeZO restricted to small-magnitude weights chosen per layer",
+               "Liu et al., 2024, arXiv:2402.15751", False, "planned (issue 6)"),
+)
+
+BY_NAME = {m.name: m for m in METHODS}
