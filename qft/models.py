@@ -160,7 +160,7 @@ def load_base(model_id: str, quant: QuantSettings | None, dtype: torch.dtype | N
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
-        return AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
     except OSError as exc:
         raise QftError(f"cannot load model {model_id} ({str(exc).splitlines()[0][:120]})",
                        "check the model id/path; the Hub needs network access") from exc
@@ -169,6 +169,11 @@ def load_base(model_id: str, quant: QuantSettings | None, dtype: torch.dtype | N
             raise QftError(f"{model_id} is not a causal language model transformers can load",
                            "pass a decoder-only model (Llama, Qwen2, Mistral, Gemma, OPT, GPT-2...)") from exc
         raise
+    if quant is not None:
+        from qft.quant import keep_bnb_layout
+
+        keep_bnb_layout(model)
+    return model
 
 
 def write_quant_record(folder: Path, quant: QuantSettings, base: str) -> dict:
