@@ -81,3 +81,26 @@ class QftMetricsCallback(TrainerCallback):
         for key in ("trainable_params", "total_params"):
             if key in self.summary:
                 logs[key] = self.summary[key]
+
+
+def rich_progress_callback():
+    """TRL's rich progress bar, tolerant of an evaluation before training (it assumes training started)."""
+    from trl.trainer.callbacks import RichProgressCallback
+
+    class _Progress(RichProgressCallback):
+        def _started(self):
+            return self.training_bar is not None
+
+        def on_prediction_step(self, *a, **k):
+            return super().on_prediction_step(*a, **k) if self._started() else None
+
+        def on_evaluate(self, *a, **k):
+            return super().on_evaluate(*a, **k) if self._started() else None
+
+        def on_predict(self, *a, **k):
+            return super().on_predict(*a, **k) if self._started() else None
+
+        def on_log(self, *a, **k):
+            return super().on_log(*a, **k) if self._started() else None
+
+    return _Progress()

@@ -114,9 +114,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
     """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method`` and save the adapter in ``cfg.output``."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
-    from trl.trainer.callbacks import RichProgressCallback
-
-    from qft.callbacks import QftMetricsCallback
+    from qft.callbacks import QftMetricsCallback, rich_progress_callback
     from qft.data import default_task, load_records, to_sft
     from qft.evaluate import label_word_accuracy
     from qft.io import check_output_dir, publish_dir_atomic, staging_dir, write_json_atomic
@@ -158,7 +156,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
         dataloader_num_workers=0, dataset_num_proc=None,
     )
     metrics = QftMetricsCallback()
-    callbacks = [metrics] + ([RichProgressCallback()] if progress else [])
+    callbacks = [metrics] + ([rich_progress_callback()] if progress else [])
     try:
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tok, peft_config=lora, callbacks=callbacks)

@@ -17,6 +17,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """qft prints its own progress; the libraries' own bars and advice would bury it."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 app.command("finetune", help=finetune.__doc__)(finetune.finetune_command)
 app.command("methods", help=methods.__doc__)(methods.methods_command)
 app.command("bench", help=bench.__doc__)(bench.bench_command)

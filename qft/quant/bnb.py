@@ -10,6 +10,8 @@ and merging can interleave on any device.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -42,6 +44,7 @@ def dequantize_nf4(weight) -> torch.Tensor:
     if getattr(state, "packing_format_for_cpu", False):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        # the inverse edits the state it is given in place; work on a copy so the layer stays usable
+        data, state = _convert_weight_packed_for_cpu_inverse(weight.data, copy.deepcopy(state))
         return bnb.functional.dequantize_4bit(data, state)
     return bnb.functional.dequantize_4bit(weight.data, state)
