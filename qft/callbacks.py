@@ -4,7 +4,8 @@ Works with any ``transformers.Trainer`` (TRL's trainers included)::
 
     trainer = SFTTrainer(..., callbacks=[qft.QftMetricsCallback()])
 
-Adds to every log: ``peak_mem_gib`` (GPU allocator peak, or the process's peak RSS on CPU),
+Adds to every log (and to ``trainer.state.log_history``; reporters such as wandb see the values when
+this callback comes before them, e.g. ``trainer.callback_handler.callbacks.insert(0, cb)``): ``peak_mem_gib`` (GPU allocator peak, or the process's peak RSS on CPU),
 ``tokens_per_s`` (input tokens since the previous log over wall time), ``trainable_params`` and
 ``total_params`` (4-bit weights counted as unpacked parameters).
 """
@@ -36,6 +37,9 @@ def count_parameters(model) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+_OUR_KEYS = ("tokens_per_s", "peak_mem_gib", "trainable_params", "total_params")
 
 
 class QftMetricsCallback(TrainerCallback):
@@ -81,6 +85,9 @@ class QftMetricsCallback(TrainerCallback):
         for key in ("trainable_params", "total_params"):
             if key in self.summary:
                 logs[key] = self.summary[key]
+        # The Trainer appended a copy of ``logs`` to the history just before calling us; keep the two in step.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update({k: logs[k] for k in _OUR_KEYS if k in logs})
 
 
 def rich_progress_callback():

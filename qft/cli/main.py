@@ -22,8 +22,10 @@ app = typer.Typer(
 @app.callback()
 def _quiet_libraries() -> None:
     """qft prints its own progress; the libraries' own bars and advice would bury it."""
+    import datasets
     import transformers
 
+    datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
