@@ -13,6 +13,17 @@ class MethodInfo:
     working: bool
     note: str = ""
 
+    @property
+    def module(self) -> str:
+        return "qft.adapters." + self.name.replace("-", "_")
+
+
+def plan_for(cfg):
+    """The MethodPlan of ``cfg.method`` (imports, and so registers, the method's package)."""
+    import importlib
+
+    return importlib.import_module(BY_NAME[cfg.method].module).plan(cfg)
+
 
 METHODS = (
     MethodInfo("qlora", "LoRA on all linear layers over a 4-bit NF4 base (double quant, paged 8-bit AdamW on GPU)",

@@ -176,12 +176,6 @@ def load_base(model_id: str, quant: QuantSettings | None, dtype: torch.dtype | N
     return model
 
 
-def write_quant_record(folder: Path, quant: QuantSettings, base: str) -> dict:
-    from qft.io import write_json_atomic
-
-    record = {"base_model": base, **quant.to_dict()}
-    write_json_atomic(folder / QUANT_FILE, record)
-    return record
 
 
 def read_quant_record(folder: Path) -> dict | None:

@@ -96,12 +96,6 @@ class FinetuneResult:
     stats: dict
 
 
-def _targets(spec: str):
-    if spec.strip() == "all-linear":
-        return "all-linear"
-    return [t.strip() for t in spec.split(",") if t.strip()]
-
-
 def _split_eval(ds, seed: int):
     if len(ds) < 20:
         return ds, None
@@ -112,14 +106,13 @@ def _split_eval(ds, seed: int):
 
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: bool = True) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method`` and save the adapter in ``cfg.output``."""
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
     from qft.callbacks import QftMetricsCallback, rich_progress_callback
     from qft.data import default_task, load_records, to_sft
     from qft.evaluate import label_word_accuracy
     from qft.io import check_output_dir, publish_dir_atomic, staging_dir, write_json_atomic
-    from qft.kernels import apply_fused_layers
-    from qft.models import DEFAULT_MODEL_NAME, QuantSettings, load_base, load_tokenizer, resolve_model, write_quant_record
+    from qft.methods import plan_for
+    from qft.models import DEFAULT_MODEL_NAME, QUANT_FILE, load_tokenizer, resolve_model
 
     start = time.time()
     out = check_output_dir(cfg.output, cfg.overwrite)  # refuse before any slow work
@@ -136,12 +129,10 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
         train_ds, eval_ds = _split_eval(train_ds, cfg.seed)
         max_steps = cfg.max_steps or -1  # -1: one epoch (transformers' convention)
 
-    quant = QuantSettings(double_quant=cfg.double_quant)
-    model = load_base(model_id, quant)
-    if cfg.fused_kernels:
-        apply_fused_layers(model)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=_targets(cfg.target_modules), task_type="CAUSAL_LM")
+    plan = plan_for(cfg)
+    model = plan.load_base(model_id)
+    if plan.after_load is not None:
+        plan.after_load(model)
     cuda = torch.cuda.is_available()
     optim = cfg.optim if cfg.optim != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch")
     args = SFTConfig(
@@ -153,13 +144,14 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
         report_to="none", disable_tqdm=True, bf16=cuda, use_cpu=not cuda, max_length=cfg.max_length,
         seed=cfg.seed, optim=optim, gradient_checkpointing=cfg.gradient_checkpointing,
-        dataloader_num_workers=0, dataset_num_proc=None,
+        dataloader_num_workers=0, dataset_num_proc=None, **plan.sft_overrides,
     )
     metrics = QftMetricsCallback()
-    callbacks = [metrics] + ([rich_progress_callback()] if progress else [])
+    callbacks = [metrics, *plan.callbacks] + ([rich_progress_callback()] if progress else [])
+    trainer_cls = plan.trainer_cls or SFTTrainer
     try:
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tok, peft_config=lora, callbacks=callbacks)
+        trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                              processing_class=tok, peft_config=plan.peft_config, callbacks=callbacks)
     except ValueError as exc:
         if "not found in the base model" in str(exc) or "Target modules" in str(exc):
             raise QftError(f"--target-modules {cfg.target_modules!r} match no layer of {base_name}",
@@ -181,7 +173,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
 
     staging = staging_dir(out)
     trainer.model.save_pretrained(staging)
-    write_quant_record(staging, quant, base_name)
+    if plan.describe_base is not None:
+        write_json_atomic(staging / QUANT_FILE, {"base_model": base_name, **plan.describe_base()})
     stats = {**metrics.summary, "train_loss": train_out.training_loss, "steps": trainer.state.global_step}
     write_json_atomic(staging / "qft_run.json", {
         "method": cfg.method, "base_model": base_name, "data": cfg.data or "qft default task",

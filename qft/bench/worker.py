@@ -74,7 +74,8 @@ def main() -> None:
         peft_config = lora
     elif a.path == "qft":
         model = load_base(a.model, quant)
-        apply_fused_layers(model)
+        if not a.gradient_checkpointing:  # the same rule as qft finetune (see qft/adapters/qlora)
+            apply_fused_layers(model)
         peft_config = lora
     else:
         raise SystemExit(f"unknown path {a.path}")
