@@ -48,6 +48,17 @@ class FinetuneConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     fused_kernels: bool = field(default=True, metadata={
         "help": "Use qft's lean RMSNorm/SwiGLU (less activation memory, same math)."})
+    # --- method options (each method's plan validates the ones it uses) ---
+    bits: int = field(default=4, metadata={"help": "PEQA: integer bits of the base (2, 3 or 4)."})
+    group_size: int = field(default=128, metadata={
+        "help": "PEQA: input weights per quantization group (64, 128...); 0 = one group per output channel."})
+    density: str | None = field(default=None, metadata={
+        "help": "SpIEL / Sparse-MeZO: trainable fraction (0.01), a count (250000), or lora:R to match LoRA rank R."})
+    reselect_every: int = field(default=20, metadata={"help": "SpIEL: steps between drop-and-regrow."})
+    side_reduction: int = field(default=16, metadata={"help": "QST: side network width = hidden size / this."})
+    downsample: str = field(default="lora", metadata={"help": "QST: downsample modules (lora, pool or linear)."})
+    zo_eps: float = field(default=1e-3, metadata={"help": "MeZO: perturbation scale epsilon."})
+    zo_samples: int = field(default=1, metadata={"help": "MeZO: random directions (q) per step."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
     save_steps: int = field(default=0, metadata={"help": "Save a checkpoint every N steps (0: only the end)."})
     seed: int = field(default=42, metadata={"help": "Random seed."})
