@@ -1,0 +1,64 @@
+"""ZO-SGD as a ``torch.optim.Optimizer``, so that transformers' loop, LR schedulers and checkpoints drive it.
+
+The trainer reports ``(seed, projected_grad)`` pairs with :meth:`ZoSGD.record` during ``training_step``;
+``step()`` applies them (regenerating z) and advances the step counter that the next seeds derive from.
+The counter is in ``state_dict()``, so a resumed run draws the same directions: resume is bit-exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qft.zo.spsa import MaskFn, apply_update_
+
+
+class ZoSGD(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1e-6, weight_decay: float = 0.0, seed: int = 0,
+                 mask_fn: MaskFn | None = None):
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        self.mask_fn = mask_fn
+        self.zo_state = {"t": 0, "seed": int(seed)}
+        self._pending: list[tuple[int, float]] = []
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def step_seed(self, sample: int = 0) -> int:
+        """The seed of direction ``sample`` of the coming step (the same on every rank)."""
+        zo = self.zo_state
+        return (zo["seed"] * 7_919 + zo["t"]) * 64 + sample
+
+    def record(self, seed: int, projected_grad: float) -> None:
+        self._pending.append((seed, float(projected_grad)))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self._pending:
+            # merge contributions of the same direction (gradient accumulation micro-batches)
+            merged: dict[int, float] = {}
+            for seed, g in self._pending:
+                merged[seed] = merged.get(seed, 0.0) + g
+            for group in self.param_groups:
+                params = group["params"]
+                apply_update_(params, list(merged.items()), lr=group["lr"], weight_decay=group["weight_decay"],
+                              decay_mask=[p.ndim >= 2 for p in params], mask_fn=self.mask_fn)
+            self._pending.clear()
+        self.zo_state["t"] += 1
+        return None
+
+    def zero_grad(self, set_to_none: bool = True):
+        pass  # ZO keeps no gradients
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["zo"] = dict(self.zo_state)
+        return sd
+
+    def load_state_dict(self, state_dict):
+        zo = state_dict.get("zo")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "zo"})
+        if zo is not None:
+            self.zo_state = dict(zo)

@@ -1,0 +1,127 @@
+"""SPSA with the seed trick (MeZO, Malladi et al., 2023, arXiv:2305.17333, Algorithm 1).
+
+The projected gradient along a random direction z is ``g = (L(θ + εz) − L(θ − εz)) / 2ε``, and the step is
+``θ ← θ − lr·(g·z + wd·θ)``. z is never stored: every tensor's z is regenerated from ``(seed, index)``.
+
+qft applies the ±εz perturbation *inside the forward*, one module at a time (:func:`perturbed`): a module's
+perturbed weight exists only while that module runs, and the stored weights are never modified by a
+perturbation. So the ±ε round trip restores θ exactly (the reference in-place version, :func:`perturb_inplace_`,
+as MeZO's code does it, leaves floating-point residue), peak memory stays at the inference peak plus one
+layer, and each step draws z three times (two forwards, one update) instead of MeZO's four.
+
+A ``mask_fn(param) -> bool tensor or None`` restricts z to selected entries (Sparse-MeZO); it is evaluated on
+the fly from the current tensor and never stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+MaskFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio (Knuth's multiplicative hashing constant)
+
+
+def tensor_seed(step_seed: int, index: int) -> int:
+    """A distinct, reproducible seed for tensor ``index`` under one step's seed."""
+    return (step_seed * 1_000_003 + (index + 1) * _MIX) % (2**63 - 1)
+
+
+def direction(p: torch.Tensor, step_seed: int, index: int, mask_fn: MaskFn | None = None) -> torch.Tensor:
+    """z for tensor ``index``: standard normal, same shape/dtype/device as ``p``, regenerated from the seeds."""
+    g = torch.Generator(device=p.device).manual_seed(tensor_seed(step_seed, index))
+    z = torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
+    if mask_fn is not None:
+        mask = mask_fn(p)
+        if mask is not None:
+            z.mul_(mask)
+    return z
+
+
+def perturb_inplace_(params: Sequence[torch.Tensor], step_seed: int, scale: float,
+                     mask_fn: MaskFn | None = None) -> None:
+    """Reference (MeZO's code): θ += scale·z in place, tensor by tensor."""
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.add_(direction(p, step_seed, i, mask_fn), alpha=scale)
+
+
+@contextlib.contextmanager
+def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, scale: float,
+              mask_fn: MaskFn | None = None):
+    """Within the block, every forward of ``model`` sees ``θ + scale·z``; the stored θ is untouched.
+
+    Each module owning some of ``params`` gets a pre-hook that swaps in perturbed copies of its own
+    parameters for the duration of its forward, and a hook that swaps the originals back.
+    """
+    index = {id(p): i for i, p in enumerate(params)}
+    owners = []
+    for module in model.modules():
+        names = [n for n, p in module.named_parameters(recurse=False) if id(p) in index]
+        if names:
+            owners.append((module, names))
+
+    def pre_hook(module, args):
+        saved = {}
+        for name in module._qft_zo_names:
+            p = module._parameters[name]
+            saved[name] = p
+            module._parameters[name] = p + scale * direction(p, step_seed, index[id(p)], mask_fn)
+        module._qft_zo_saved = saved
+
+    def post_hook(module, args, output):
+        module._parameters.update(module._qft_zo_saved)
+        module._qft_zo_saved = {}
+
+    handles = []
+    try:
+        for module, names in owners:
+            module._qft_zo_names = names
+            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(module.register_forward_hook(post_hook, always_call=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for module, _ in owners:
+            if getattr(module, "_qft_zo_saved", None):  # a forward that raised mid-way
+                module._parameters.update(module._qft_zo_saved)
+            for attr in ("_qft_zo_names", "_qft_zo_saved"):
+                module.__dict__.pop(attr, None)
+
+
+def _buckets(params: Sequence[torch.Tensor], max_bytes: int) -> Iterable[list[int]]:
+    bucket, size = [], 0
+    for i, p in enumerate(params):
+        nbytes = p.numel() * p.element_size()
+        if bucket and (size + nbytes > max_bytes or p.device != params[bucket[0]].device
+                       or p.dtype != params[bucket[0]].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(i)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tuple[int, float]], lr: float,
+                  weight_decay: float = 0.0, decay_mask: Sequence[bool] | None = None,
+                  mask_fn: MaskFn | None = None, bucket_bytes: int = 256 * 2**20) -> None:
+    """θ ← θ − lr·(Σ_j g_j·z_j + wd·θ), with z_j regenerated from seed j.
+
+    The adds run as ``torch._foreach`` ops over buckets of at most ``bucket_bytes`` of directions, so the
+    extra memory is one bucket, not a copy of the parameters.
+    """
+    with torch.no_grad():
+        for bucket in _buckets(params, bucket_bytes):
+            ps = [params[i] for i in bucket]
+            if weight_decay and decay_mask is not None:
+                decayed = [params[i] for i in bucket if decay_mask[i]]
+                if decayed:
+                    torch._foreach_mul_(decayed, 1.0 - lr * weight_decay)
+            for seed, g in seeds_and_grads:
+                zs = [direction(params[i], seed, i, mask_fn) for i in bucket]
+                torch._foreach_add_(ps, zs, alpha=-lr * g)

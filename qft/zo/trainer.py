@@ -1,0 +1,125 @@
+"""Zeroth-order training inside transformers' Trainer and TRL's SFTTrainer, without copying their loop.
+
+``ZoTrainerMixin`` overrides three hooks: ``create_optimizer`` (``ZoSGD`` over the trainable parameters),
+``training_step`` (two perturbed forwards under ``no_grad``, the projected gradient recorded in the
+optimizer) and ``log`` (adds ``projected_grad``). Gradient accumulation, LR schedules, logging, evaluation
+and checkpointing are the Trainer's own.
+
+    from qft.zo import ZoSFTTrainer, ZoArguments
+    trainer = ZoSFTTrainer(model=model, args=SFTConfig(..., learning_rate=1e-6), zo=ZoArguments(eps=1e-3), ...)
+
+Multi-GPU: every rank derives the same seed from the optimizer's step counter; each rank computes the
+loss difference on its own shard of the batch and one scalar is all-reduced (averaged), so all ranks apply
+the identical update and the weights stay identical without any parameter communication.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+
+from qft.errors import QftError
+from qft.zo.optimizer import ZoSGD
+from qft.zo.spsa import MaskFn, perturbed
+
+
+@dataclass
+class ZoArguments:
+    eps: float = field(default=1e-3, metadata={"help": "Perturbation scale ε."})
+    samples: int = field(default=1, metadata={"help": "Directions q per step (the update averages them)."})
+    objective: Callable | None = field(default=None, metadata={
+        "help": "objective(model, inputs) -> scalar tensor to MINIMISE, e.g. minus accuracy; default: the LM loss."})
+    mask_fn: MaskFn | None = field(default=None, metadata={"help": "Restrict z to entries (Sparse-MeZO)."})
+
+    def __post_init__(self):
+        if not self.eps > 0:
+            raise QftError(f"zo eps must be positive, got {self.eps}", "pass e.g. --zo-eps 1e-3")
+        if self.samples < 1:
+            raise QftError(f"zo samples must be at least 1, got {self.samples}", "pass --zo-samples 1 or more")
+
+
+def _all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def zo_projected_grad(model, params, step_seed: int, eps: float, loss_fn, mask_fn: MaskFn | None = None):
+    """(g, mean loss) for one direction: two perturbed forwards; g is all-reduced across ranks."""
+    with torch.no_grad():
+        with perturbed(model, params, step_seed, +eps, mask_fn):
+            loss_plus = loss_fn().detach().double()
+        with perturbed(model, params, step_seed, -eps, mask_fn):
+            loss_minus = loss_fn().detach().double()
+    g = _all_reduce_mean((loss_plus - loss_minus) / (2 * eps))
+    return g, (loss_plus + loss_minus) / 2
+
+
+class ZoTrainerMixin:
+    """Mix in before a Trainer class: ``class MyZo(ZoTrainerMixin, SFTTrainer)``."""
+
+    def __init__(self, *args, zo: ZoArguments | None = None, **kwargs):
+        self.zo = zo or ZoArguments()
+        self._zo_last_g: list[float] = []
+        super().__init__(*args, **kwargs)
+        # there are no gradients to clip; the projected gradient is logged instead
+        self.args.max_grad_norm = 0.0
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            if not params:
+                raise QftError("the model has no trainable parameters for zeroth-order training",
+                               "leave requires_grad on the parameters to tune (or wrap the model with a peft config)")
+            self.optimizer = ZoSGD(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
+                                   seed=self.args.seed, mask_fn=self.zo.mask_fn)
+        return self.optimizer
+
+    def _zo_loss(self, model, inputs):
+        if self.zo.objective is not None:
+            return self.zo.objective(model, inputs)
+        return self.compute_loss(model, inputs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.eval()  # dropout off: both forwards must see the same function
+        inputs = self._prepare_inputs(inputs)
+        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        accum = self.args.gradient_accumulation_steps
+        total_loss = 0.0
+        for j in range(self.zo.samples):
+            seed = opt.step_seed(j)
+            g, loss = zo_projected_grad(model, opt.params, seed, self.zo.eps, lambda: self._zo_loss(model, inputs),
+                                        self.zo.mask_fn)
+            if not torch.isfinite(g):
+                raise QftError(f"the projected gradient became {g.item()} at step {self.state.global_step}",
+                               "lower --learning-rate, raise --zo-eps, or train in float32")
+            opt.record(seed, g.item() / (self.zo.samples * accum))
+            self._zo_last_g.append(g.item())
+            total_loss += loss
+        return (total_loss / self.zo.samples / accum).detach()
+
+    def log(self, logs, *args, **kwargs):
+        if self._zo_last_g and "loss" in logs:
+            logs["projected_grad"] = sum(abs(g) for g in self._zo_last_g) / len(self._zo_last_g)
+            self._zo_last_g.clear()
+        return super().log(logs, *args, **kwargs)
+
+
+class ZoTrainer(ZoTrainerMixin, Trainer):
+    """transformers' Trainer, trained by MeZO."""
+
+
+def zo_sft_trainer_cls():
+    """TRL's SFTTrainer with MeZO (built lazily: importing TRL is slow)."""
+    from trl import SFTTrainer
+
+    class ZoSFTTrainer(ZoTrainerMixin, SFTTrainer):
+        pass
+
+    return ZoSFTTrainer
