@@ -1,0 +1,39 @@
+"""SpIEL (Ansell et al., 2024, "Scaling Sparse Fine-Tuning to Large Language Models", arXiv:2401.16405).
+
+Every targeted Linear weight ``W`` (float, or bitsandbytes NF4 for "sparse QLoRA") gets a sparse delta: a
+sorted index buffer and a values vector, the only trainable tensors. ``SpielCallback`` (a transformers
+``TrainerCallback``) drops the smallest deltas every ``reselect_every`` steps and regrows as many new
+entries, RigL-style (accumulated gradients) or from SM3 row/column accumulators, remapping Adam's state.
+
+    model = get_peft_model(base, qft.SpielConfig(density="0.01"))
+    SFTTrainer(model=model, ..., callbacks=[qft.SpielCallback()])
+"""
+
+from __future__ import annotations
+
+from qft.adapters import MethodPlan
+from qft.adapters.spiel.callback import SpielCallback
+from qft.adapters.spiel.config import SpielConfig
+from qft.adapters.spiel.layer import SpielLinear
+from qft.adapters.spiel.model import SpielModel
+from qft.registry import register_method
+
+register_method(name="spiel", config_cls=SpielConfig, model_cls=SpielModel, prefix="spiel_")
+
+__all__ = ["SpielCallback", "SpielConfig", "SpielLinear", "SpielModel", "plan"]
+
+
+def plan(cfg) -> MethodPlan:
+    """``qft finetune --method spiel --density 0.01``: sparse deltas over the float base (TRL's SFTTrainer)."""
+    from qft.adapters.qlora import lora_targets
+    from qft.models import load_base
+
+    config = SpielConfig(density=cfg.density if cfg.density is not None else "0.01",
+                         target_modules=lora_targets(cfg.target_modules), reselect_every=cfg.reselect_every,
+                         accumulation_steps=min(5, cfg.reselect_every), seed=cfg.seed, task_type="CAUSAL_LM")
+    return MethodPlan(
+        load_base=lambda model_id: load_base(model_id, None),
+        peft_config=config,
+        callbacks=[SpielCallback()],
+        describe_base=lambda: {"method": "float", "quant_type": None},
+    )
