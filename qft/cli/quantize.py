@@ -1,0 +1,41 @@
+"""Quantize a model's linear layers to 2/3/4-bit integers (PEQA's base, round-to-nearest) and save a
+self-contained quantized model folder; fine-tune it with `qft finetune --method peqa --model OUT`.
+
+Examples:
+
+  qft quantize --bits 3 --group-size 128 HuggingFaceTB/SmolLM2-135M-Instruct smollm2-3bit
+
+  qft finetune --method peqa --bits 3 --group-size 128 --model smollm2-3bit --output adapter
+"""
+
+from __future__ import annotations
+
+import typer
+
+from qft.cli.common import console, user_errors
+
+
+@user_errors
+def quantize_command(
+    model: str = typer.Argument(..., help="Local model folder or Hub id of a float causal LM."),
+    output: str = typer.Argument(..., help="Folder that receives the quantized model."),
+    bits: int = typer.Option(4, "--bits", help="Integer bits per weight: 2, 3 or 4."),
+    group_size: int = typer.Option(128, "--group-size", help="Input weights per group; 0 = one per output channel."),
+    target_modules: str = typer.Option("all-linear", "--target-modules",
+                                       help="Comma-separated linear layer names, or 'all-linear' (all but the head)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Float dtype of the rest of the model: auto, float32, "
+                                                       "bfloat16 or float16 (auto: the checkpoint's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a quantized model already in OUTPUT."),
+) -> None:
+    from qft.adapters.qlora import lora_targets
+    from qft.adapters.peqa.storage import folder_size, quantize_to_folder
+
+    say = lambda m: console.print(m, highlight=False)  # noqa: E731
+    record = quantize_to_folder(model, output, bits=bits, group_size=group_size,
+                                target_modules=lora_targets(target_modules), dtype=dtype, overwrite=overwrite,
+                                log=say)
+    size = folder_size(output)
+    say(f"saved [bold]{output}[/] ({size / 2**20:.2f} MiB, {len(record['layers'])} integer layers, "
+        f"{record['bits']}-bit, group size {record['group_size']})")
+    say(f"fine-tune it with: qft finetune --method peqa --bits {record['bits']} "
+        f"--group-size {record['group_size']} --model {output}")
