@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qft.errors import QftError
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "model.safetensors")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -33,7 +33,8 @@ class FinetuneConfig:
     output: str = field(default="qft-out", metadata={"help": "Folder that receives the adapter."})
     max_steps: int | None = field(default=None, metadata={
         "help": "Optimizer steps (default: 80 on the default task, else one epoch)."})
-    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate."})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "Peak learning rate (default: the method's, 5e-4 for first-order methods, 1e-6 for MeZO)."})
     batch_size: int = field(default=8, metadata={"help": "Examples per device per step."})
     grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
     max_length: int = field(default=512, metadata={"help": "Truncate examples to this many tokens."})
@@ -80,7 +81,7 @@ class FinetuneConfig:
                                f"pass a positive --{name.replace('_', '-')}")
         if not 0 <= self.lora_dropout < 1:
             raise QftError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}", "pass e.g. 0.05")
-        if self.learning_rate <= 0:
+        if self.learning_rate is not None and self.learning_rate <= 0:
             raise QftError(f"--learning-rate must be positive, got {self.learning_rate}", "pass e.g. 2e-4")
 
     @classmethod
@@ -105,6 +106,7 @@ class FinetuneResult:
     seconds: float
     base_model: str
     stats: dict
+    is_adapter: bool = True  # False: the output is a whole model (full-parameter methods such as MeZO)
 
 
 def _split_eval(ds, seed: int):
@@ -146,17 +148,18 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
         plan.after_load(model)
     cuda = torch.cuda.is_available()
     optim = cfg.optim if cfg.optim != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch")
-    args = SFTConfig(
+    sft_kwargs = dict(
         output_dir=str(out / "checkpoints"),
         max_steps=max_steps, num_train_epochs=1,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate or plan.default_lr,
         lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
         report_to="none", disable_tqdm=True, bf16=cuda, use_cpu=not cuda, max_length=cfg.max_length,
         seed=cfg.seed, optim=optim, gradient_checkpointing=cfg.gradient_checkpointing,
-        dataloader_num_workers=0, dataset_num_proc=None, **plan.sft_overrides,
+        dataloader_num_workers=0, dataset_num_proc=None,
     )
+    args = SFTConfig(**{**sft_kwargs, **plan.sft_overrides})
     metrics = QftMetricsCallback()
     callbacks = [metrics, *plan.callbacks] + ([rich_progress_callback()] if progress else [])
     trainer_cls = plan.trainer_cls or SFTTrainer
@@ -184,6 +187,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
 
     staging = staging_dir(out)
     trainer.model.save_pretrained(staging)
+    if plan.peft_config is None:  # a whole model: make the folder self-contained
+        tok.save_pretrained(staging)
     if plan.describe_base is not None:
         write_json_atomic(staging / QUANT_FILE, {"base_model": base_name, **plan.describe_base()})
     stats = {**metrics.summary, "train_loss": train_out.training_loss, "steps": trainer.state.global_step}
@@ -198,7 +203,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
         if ckpt.is_dir() and not any(ckpt.iterdir()):
             ckpt.rmdir()
     return FinetuneResult(
-        output=out, adapter_bytes=os.path.getsize(out / "adapter_model.safetensors"), metric_name=metric_name,
+        output=out, adapter_bytes=sum(f.stat().st_size for f in out.glob("*.safetensors")), metric_name=metric_name,
         metric_before=before, metric_after=after, train_loss=train_out.training_loss, seconds=time.time() - start,
-        base_model=base_name if cfg.model else model_id, stats=stats,
+        base_model=base_name if cfg.model else model_id, stats=stats, is_adapter=plan.peft_config is not None,
     )

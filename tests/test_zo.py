@@ -131,7 +131,7 @@ def test_resume_is_bit_exact(tmp_path):
 
 def test_nan_guard(tmp_path):
     trainer = _zo_trainer(tmp_path, max_steps=2)
-    trainer.zo.objective = lambda model, inputs: torch.tensor(float("nan"))
+    trainer.zo.objective = lambda model, inputs: model(**inputs).loss * float("nan")
     from qft.errors import QftError
 
     with pytest.raises(QftError, match="projected gradient became nan"):

@@ -16,9 +16,10 @@ class MethodPlan:
     """How ``finetune`` runs one method. Only ``peft_config`` and ``load_base`` are required."""
 
     load_base: Callable[[str], Any]  # model id/path -> base model (quantized or not)
-    peft_config: Any  # a peft config passed to SFTTrainer(peft_config=...)
+    peft_config: Any  # a peft config passed to SFTTrainer(peft_config=...); None tunes the whole model
     trainer_cls: Any = None  # default: trl.SFTTrainer
     callbacks: list = field(default_factory=list)
     sft_overrides: dict = field(default_factory=dict)  # extra SFTConfig fields (e.g. optim for ZO methods)
     describe_base: Callable[[], dict] | None = None  # the base's quantization record, saved beside the adapter
     after_load: Callable[[Any], None] | None = None  # e.g. lean kernels
+    default_lr: float = 5e-4  # used when the user gives no --learning-rate

@@ -80,8 +80,13 @@ def finetune_command(
         f"{result.seconds:.0f} s, peak memory {result.stats.get('peak_mem_gib', float('nan')):.2f} GiB)",
         highlight=False,
     )
-    console.print(f"adapter saved to [bold]{result.output}[/] ({human})", highlight=False)
+    what = "adapter" if result.is_adapter else "model"
+    console.print(f"{what} saved to [bold]{result.output}[/] ({human})", highlight=False)
     console.print("load it with:", highlight=False)
+    if not result.is_adapter:
+        console.print(f"  from transformers import AutoModelForCausalLM\n"
+                      f"  model = AutoModelForCausalLM.from_pretrained({str(result.output)!r})", highlight=False)
+        return
     console.print(
         "  from transformers import AutoModelForCausalLM\n"
         "  from peft import PeftModel\n"

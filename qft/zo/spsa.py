@@ -49,48 +49,65 @@ def perturb_inplace_(params: Sequence[torch.Tensor], step_seed: int, scale: floa
             p.add_(direction(p, step_seed, i, mask_fn), alpha=scale)
 
 
+_CONTAINERS = (nn.ParameterDict, nn.ParameterList)  # hold parameters but never run a forward of their own
+
+
 @contextlib.contextmanager
 def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, scale: float,
               mask_fn: MaskFn | None = None):
     """Within the block, every forward of ``model`` sees ``θ + scale·z``; the stored θ is untouched.
 
-    Each module owning some of ``params`` gets a pre-hook that swaps in perturbed copies of its own
-    parameters for the duration of its forward, and a hook that swaps the originals back.
+    The module that uses a parameter (its owner, or the owner's parent when the owner is a ParameterDict
+    or ParameterList, as in peft layers) gets a pre-hook that swaps in perturbed copies for the duration
+    of its forward, and a hook that swaps the originals back. Yields the set of parameter ids perturbed so
+    far, so callers can check that every tuned tensor took part.
     """
     index = {id(p): i for i, p in enumerate(params)}
-    owners = []
-    for module in model.modules():
-        names = [n for n, p in module.named_parameters(recurse=False) if id(p) in index]
-        if names:
-            owners.append((module, names))
+    modules = dict(model.named_modules())
+    plan: dict[int, tuple[nn.Module, list[tuple[nn.Module, str]]]] = {}
+    for name, holder in modules.items():
+        slots = [(holder, n) for n, p in holder.named_parameters(recurse=False) if id(p) in index]
+        if not slots:
+            continue
+        runner = holder
+        if isinstance(holder, _CONTAINERS) and name:
+            runner = modules[name.rpartition(".")[0]]
+        plan.setdefault(id(runner), (runner, []))[1].extend(slots)
+    seen: set[int] = set()
 
-    def pre_hook(module, args):
-        saved = {}
-        for name in module._qft_zo_names:
-            p = module._parameters[name]
-            saved[name] = p
-            module._parameters[name] = p + scale * direction(p, step_seed, index[id(p)], mask_fn)
-        module._qft_zo_saved = saved
+    def make_hooks(slots):
+        saved: list[tuple[nn.Module, str, nn.Parameter]] = []
 
-    def post_hook(module, args, output):
-        module._parameters.update(module._qft_zo_saved)
-        module._qft_zo_saved = {}
+        def pre_hook(module, args):
+            for holder, pname in slots:
+                p = holder._parameters[pname]
+                saved.append((holder, pname, p))
+                seen.add(id(p))
+                holder._parameters[pname] = p + scale * direction(p, step_seed, index[id(p)], mask_fn)
 
-    handles = []
+        def post_hook(module, args, output):
+            restore()
+
+        def restore():
+            while saved:
+                holder, pname, p = saved.pop()
+                holder._parameters[pname] = p
+
+        return pre_hook, post_hook, restore
+
+    handles, restorers = [], []
     try:
-        for module, names in owners:
-            module._qft_zo_names = names
-            handles.append(module.register_forward_pre_hook(pre_hook))
-            handles.append(module.register_forward_hook(post_hook, always_call=True))
-        yield
+        for runner, slots in plan.values():
+            pre, post, restore = make_hooks(slots)
+            handles.append(runner.register_forward_pre_hook(pre))
+            handles.append(runner.register_forward_hook(post, always_call=True))
+            restorers.append(restore)
+        yield seen
     finally:
         for h in handles:
             h.remove()
-        for module, _ in owners:
-            if getattr(module, "_qft_zo_saved", None):  # a forward that raised mid-way
-                module._parameters.update(module._qft_zo_saved)
-            for attr in ("_qft_zo_names", "_qft_zo_saved"):
-                module.__dict__.pop(attr, None)
+        for restore in restorers:  # a forward that raised mid-way
+            restore()
 
 
 def _buckets(params: Sequence[torch.Tensor], max_bytes: int) -> Iterable[list[int]]:

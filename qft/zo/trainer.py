@@ -53,8 +53,13 @@ def _all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 def zo_projected_grad(model, params, step_seed: int, eps: float, loss_fn, mask_fn: MaskFn | None = None):
     """(g, mean loss) for one direction: two perturbed forwards; g is all-reduced across ranks."""
     with torch.no_grad():
-        with perturbed(model, params, step_seed, +eps, mask_fn):
+        with perturbed(model, params, step_seed, +eps, mask_fn) as seen:
             loss_plus = loss_fn().detach().double()
+        if len(seen) < len(params):
+            missing = len(params) - len(seen)
+            raise QftError(f"{missing} of {len(params)} trainable tensors were not used by their modules' forward, "
+                           "so zeroth-order training cannot perturb them",
+                           "freeze them (requires_grad=False) or tune another parameter set")
         with perturbed(model, params, step_seed, -eps, mask_fn):
             loss_minus = loss_fn().detach().double()
     g = _all_reduce_mean((loss_plus - loss_minus) / (2 * eps))
@@ -84,6 +89,10 @@ class ZoTrainerMixin:
     def _zo_loss(self, model, inputs):
         if self.zo.objective is not None:
             return self.zo.objective(model, inputs)
+        if "labels" in inputs:
+            # the model's own forward and loss: every module runs its forward (TRL's fused LM head reads the head's
+            # weight directly, which the per-module perturbation would not see)
+            return model(**inputs, use_cache=False).loss
         return self.compute_loss(model, inputs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from qft.zo.mask import magnitude_threshold, small_magnitude_mask
+
+
+class SparseMezoLinear(nn.Module, BaseTunerLayer):
+    """A frozen Linear plus tuned values at its smallest-magnitude entries.
+
+    ``W_eff = W`` with ``W_eff[mask] = W[mask] + delta``, ``mask = |W| <= threshold`` recomputed from the frozen
+    ``W`` on the fly. ``delta`` (1-D, one value per selected entry in row-major order) is the only trainable
+    tensor; the saved adapter holds ``delta`` and the threshold, so its size is proportional to the tuned count.
+    """
+
+    adapter_layer_names = ("sparse_mezo_delta",)
+    other_param_names = ("sparse_mezo_threshold",)
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, density: float, delta_dtype: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.sparse_mezo_delta = nn.ParameterDict()
+        self.sparse_mezo_threshold = BufferDict({}, persistent=True)
+        self.merged_adapters = []
+        self._merged_index: dict[str, torch.Tensor] = {}
+        self.update_layer(adapter_name, density, delta_dtype)
+
+    def update_layer(self, adapter_name: str, density: float, delta_dtype: str) -> None:
+        w = self.get_base_layer().weight
+        threshold = magnitude_threshold(w, density)
+        count = int(small_magnitude_mask(w, threshold).sum())
+        self.sparse_mezo_threshold[adapter_name] = threshold
+        self.sparse_mezo_delta[adapter_name] = nn.Parameter(
+            torch.zeros(count, dtype=getattr(torch, delta_dtype), device=w.device))
+        self.set_adapter(self.active_adapters)
+
+    def mask(self, adapter_name: str) -> torch.Tensor:
+        return small_magnitude_mask(self.get_base_layer().weight, self.sparse_mezo_threshold[adapter_name])
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.get_base_layer().weight
+        out = w
+        for name in self.active_adapters:
+            if name in self.sparse_mezo_delta and name not in self.merged_adapters:
+                m = self.mask(name)
+                delta = self.sparse_mezo_delta[name]
+                out = out.masked_scatter(m, (out[m].to(delta.dtype) + delta).to(w.dtype))
+        return out
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters or not any(n in self.sparse_mezo_delta for n in self.active_adapters):
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        return F.linear(x, self.effective_weight(), base.bias)
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        w = self.get_base_layer().weight
+        for name in adapter_names or self.active_adapters:
+            if name in self.merged_adapters or name not in self.sparse_mezo_delta:
+                continue
+            index = self.mask(name).flatten().nonzero().squeeze(1)  # kept only while merged, for unmerge
+            new = w.data.flatten().clone()
+            new[index] = (new[index].to(self.sparse_mezo_delta[name].dtype) + self.sparse_mezo_delta[name].data).to(w.dtype)
+            if safe_merge and not torch.isfinite(new).all():
+                raise ValueError(f"merging adapter {name} produced non-finite weights")
+            w.data = new.view_as(w)
+            self._merged_index[name] = index
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        w = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            index = self._merged_index.pop(name)
+            flat = w.data.flatten().clone()
+            flat[index] = (flat[index].to(self.sparse_mezo_delta[name].dtype) - self.sparse_mezo_delta[name].data).to(w.dtype)
+            w.data = flat.view_as(w)

@@ -1,0 +1,95 @@
+"""Sparse-MeZO: the shared checks, the selection, untouched unselected weights, the sparse adapter, the CLI."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import TrainingArguments
+from typer.testing import CliRunner
+
+import qft  # noqa: F401
+from qft.adapters.sparse_mezo import SparseMezoConfig, SparseMezoLinear
+from qft.errors import QftError
+from qft.zo.mask import magnitude_threshold, small_magnitude_mask
+from qft.zo.trainer import ZoArguments, ZoTrainer
+from tests.common import ALL_CHECKS, MethodCase
+from tests.test_zo import _Repeat
+from tests.tiny import FAMILIES, tiny_model
+
+CASES = [MethodCase("sparse_mezo", f, lambda fam: tiny_model(fam), lambda: SparseMezoConfig(density=0.3),
+                    "sparse_mezo_delta", merge_atol=1e-5) for f in FAMILIES]
+
+
+@pytest.mark.parametrize("check", list(ALL_CHECKS))
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_shared_checks(case, check, tmp_path):
+    ALL_CHECKS[check](case, tmp_path) if check == "save_load" else ALL_CHECKS[check](case)
+
+
+def test_selection_is_the_smallest_magnitudes():
+    w = torch.randn(64, 48)
+    thr = magnitude_threshold(w, 0.25)
+    mask = small_magnitude_mask(w, thr)
+    assert mask.sum() == round(0.25 * w.numel())  # no ties in random floats
+    assert w[mask].abs().max() < w[~mask].abs().min()
+
+
+def test_zo_training_never_touches_unselected_weights(tmp_path):
+    model = get_peft_model(tiny_model("llama"), SparseMezoConfig(density=0.2))
+    layers = [m for m in model.modules() if isinstance(m, SparseMezoLinear)]
+    frozen = {id(m): m.get_base_layer().weight.detach().clone() for m in layers}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=4,
+                             learning_rate=1e-3, report_to="none", use_cpu=True, disable_tqdm=True,
+                             save_strategy="no", seed=0)
+    ZoTrainer(model=model, args=args, train_dataset=_Repeat(), zo=ZoArguments(eps=1e-3)).train()
+    for m in layers:
+        w0 = frozen[id(m)]
+        assert torch.equal(m.get_base_layer().weight, w0)  # the base stays frozen
+        with torch.no_grad():
+            changed = m.effective_weight() != w0
+        mask = small_magnitude_mask(w0, m.sparse_mezo_threshold["default"])
+        assert changed.any() and not (changed & ~mask).any()
+
+
+def test_adapter_is_sparse_and_round_trips(tmp_path):
+    from safetensors.torch import load_file
+
+    base_numel = sum(m.weight.numel() for m in tiny_model("llama").modules()
+                     if isinstance(m, torch.nn.Linear)) - 128 * 64  # all linear layers but the LM head
+    model = get_peft_model(tiny_model("llama"), SparseMezoConfig(density=0.1))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "sparse_mezo_delta" in n:
+                p.normal_(0, 0.01)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    values = sum(t.numel() for k, t in saved.items() if "delta" in k)
+    assert abs(values - 0.1 * base_numel) <= len(saved)  # rounding per layer
+    assert all("delta" in k or "threshold" in k for k in saved)
+    x = {"input_ids": torch.tensor([[3, 4, 5, 6]])}
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).logits, model(**x).logits, atol=0, rtol=0)
+
+
+def test_bad_density():
+    with pytest.raises(QftError, match="density"):
+        SparseMezoConfig(density=1.5)
+
+
+@pytest.mark.parametrize("method", ["sparse-mezo", "mezo"])
+def test_cli_end_to_end(tiny_model_dir, jsonl, tmp_path, method):
+    from qft.cli.main import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(jsonl("text")),
+                                   "--method", method, "--output", str(out), "--max-steps", "4",
+                                   "--batch-size", "4", "--logging-steps", "2", "--density", "0.2"])
+    assert res.exit_code == 0, res.output
+    run = json.loads((out / "qft_run.json").read_text())
+    assert run["stats"]["steps"] == 4
+    if method == "sparse-mezo":
+        assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "SPARSE_MEZO"
+    else:
+        assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
