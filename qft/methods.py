@@ -32,14 +32,16 @@ METHODS = (
                "Kim et al., 2023, arXiv:2305.14152", True,
                "RTN 2/3/4-bit integer base (or `qft quantize` folder); the adapter is the scales"),
     MethodInfo("qst", "frozen 4-bit LLM + small side network fed by its hidden states; no backprop through the LLM",
-               "Zhang et al., 2024, arXiv:2401.07159", False, "planned (issue 4)"),
+               "Zhang et al., 2024, arXiv:2401.07159", True,
+               "saves only the side network; generation recomputes the full sequence (no KV cache)"),
     MethodInfo("spiel", "sparse weight deltas with periodic drop and regrow, over float or NF4 bases",
                "Ansell et al., 2024, arXiv:2401.16405", True,
                "float base from the CLI, NF4 base from Python; saves indices + values"),
     MethodInfo("mezo", "zeroth-order SGD from forward passes only, at inference memory",
-               "Malladi et al., 2023, arXiv:2305.17333", False, "planned (issue 6)"),
+               "Malladi et al., 2023, arXiv:2305.17333", True,
+               "full model in float32; ZO over any adapter from Python"),
     MethodInfo("sparse-mezo", "MeZO restricted to small-magnitude weights chosen per layer",
-               "Liu et al., 2024, arXiv:2402.15751", False, "planned (issue 6)"),
+               "Liu et al., 2024, arXiv:2402.15751", True, "a PEFT method; saves a sparse adapter"),
 )
 
 BY_NAME = {m.name: m for m in METHODS}
