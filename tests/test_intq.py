@@ -121,3 +121,17 @@ def test_error_on_the_real_stories260k_weights():
     # Measured relative error over all 35 linear layers, groups of 64: 2-bit 0.445, 3-bit 0.191, 4-bit 0.089
     # (per channel: 0.463, 0.199, 0.093).
     assert rel[2] < 0.5 and rel[3] < 0.21 and rel[4] < 0.1 and rel[4] < rel[3] < rel[2]
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 0), (3, 32), (4, 64)])
+def test_codes_recovered_from_a_dequantized_fp16_weight_are_exact(bits, group_size):
+    from qft.quant.intq import codes_from_dequantized
+
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(bits)) * 0.1
+    q, s, z = quantize_rtn(w, bits, group_size)
+    w16 = dequantize(q, s, z, group_size, torch.float16)  # what another quantizer hands over
+    q2, z2 = codes_from_dequantized(w16, s, group_size, bits)
+    assert torch.equal(q2.int() - expand_groups(z2, group_size, 128).int(),
+                       q.int() - expand_groups(z, group_size, 128).int())  # q − z is what W and ∂L/∂s use
+    with pytest.raises(QftError, match="not integer multiples"):
+        codes_from_dequantized(w16 + 0.3 * s.float().max(), s, group_size, bits)

@@ -258,3 +258,64 @@ def test_plan_validates_and_describes_the_base(tiny_model_dir):
         plan(FinetuneConfig(method="peqa", bits=6))
     model = p.load_base(str(tiny_model_dir))
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # float; PEQA quantizes it
+
+
+# --- GPTQ bases (gptqmodel is optional and not installed here) ---------------------------------------------
+
+
+class _GptqStandIn(torch.nn.Module):
+    """Exposes what qft reads from a gptqmodel torch-kernel layer: in/out features, bits, group_size, g_idx,
+    scales (n_groups, out), bias, dequantize_weight() -> (in, out). gptqmodel's own packing is not exercised."""
+
+    def __init__(self, w, bits, group_size):
+        super().__init__()
+        q, s, z = quantize_rtn(w, bits, group_size)
+        self.out_features, self.in_features = w.shape
+        self.bits, self.group_size = bits, group_size
+        self.qweight = self.qzeros = torch.zeros(1, dtype=torch.int32)
+        self.g_idx = torch.arange(self.in_features, dtype=torch.int32) // group_size
+        self.scales = s.T.contiguous()
+        self.bias = None
+        self._w = (s.float().repeat_interleave(group_size, 1) * (q.float() - z.float().repeat_interleave(
+            group_size, 1))).half()
+
+    def dequantize_weight(self):
+        return self._w.T
+
+
+_GptqStandIn.__module__ = "gptqmodel.nn_modules.qlinear.torch"
+
+
+def test_gptq_layer_converts_exactly_and_trains_scales():
+    from qft.adapters.peqa.gptq import int_linear_from_gptq
+
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
+    gptq = _GptqStandIn(w, bits=3, group_size=32)
+    layer = int_linear_from_gptq(gptq)
+    assert (layer.bits, layer.group_size) == (3, 32)
+    torch.testing.assert_close(layer.dequantize_weight(dtype=torch.float32), gptq._w.float(), rtol=0, atol=1e-3)
+    wrapped = torch.nn.Sequential(gptq)
+    model = get_peft_model(wrapped, PeqaConfig(bits=3, group_size=32, target_modules=["0"]))
+    assert isinstance(model.base_model.model[0], PeqaLinear)
+    with pytest.raises(QftError, match="expects 4 bits"):
+        get_peft_model(torch.nn.Sequential(_GptqStandIn(w, 3, 32)), PeqaConfig(bits=4, group_size=32,
+                                                                                  target_modules=["0"]))
+    gptq.g_idx = gptq.g_idx.flip(0)  # act-order: groups no longer contiguous
+    with pytest.raises(QftError, match="desc_act=False"):
+        int_linear_from_gptq(gptq)
+
+
+def test_gptq_checkpoint_without_gptqmodel_is_a_clear_error(tmp_path):
+    pytest.importorskip("transformers")
+    try:
+        import gptqmodel  # noqa: F401
+        pytest.skip("gptqmodel is installed")
+    except ImportError:
+        pass
+    from qft.adapters.peqa import plan
+    from qft.train import FinetuneConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}))
+    with pytest.raises(QftError, match="pip install gptqmodel"):
+        plan(FinetuneConfig(method="peqa", bits=4, group_size=128)).load_base(str(tmp_path))

@@ -157,3 +157,34 @@ def pack_bits_reference(q: torch.Tensor, bits: int) -> bytes:
     values += [0] * ((-len(values)) % per)
     bitstream = [(v >> k) & 1 for v in values for k in range(bits)]
     return bytes(sum(bit << k for k, bit in enumerate(bitstream[i:i + 8])) for i in range(0, len(bitstream), 8))
+
+
+def codes_from_dequantized(w: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int):
+    """Recover integer codes from a weight another quantizer dequantized (e.g. a GPTQ layer): ``w ≈ s · k``
+    with integer ``k = q − z``. Returns ``q`` (out, in) and ``zeros`` (out, n_groups), uint8, choosing per
+    group the zero point that puts the group's codes in [0, 2^bits − 1] (only ``q − z`` matters for ``W`` and
+    for the scale gradient, so any such ``z`` is exact). Refuses weights that are not on the scale grid.
+    """
+    check_bits(bits)
+    maxq = 2**bits - 1
+    ratio = w.float() / expand_groups(scales.float(), group_size, w.shape[1])
+    k = torch.round(ratio)
+    if not (ratio - k).abs().max().item() <= 0.1:  # fp16 rounding of s·k leaves at most |k|·2^-11 < 0.01
+        raise QftError("the quantized layer's weights are not integer multiples of its scales",
+                       "pass a GPTQ model without act-order (desc_act=False) loaded with gptqmodel's torch backend")
+    # (out, ng): the zero point that makes the group's smallest code 0 (or 0 if all codes are positive)
+    lo = (-reduce_groups_min(k, group_size)).clamp(min=0)
+    q = k + expand_groups(lo, group_size, w.shape[1])
+    if q.max().item() > maxq:
+        raise QftError(f"the quantized layer uses more than {bits} bits per weight",
+                       f"pass --bits matching the checkpoint's quantization_config (not {bits})")
+    return q.to(torch.uint8), lo.to(torch.uint8)
+
+
+def reduce_groups_min(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(out, in) -> (out, n_groups): each group's minimum."""
+    out, in_features = t.shape
+    if group_size == 0:
+        return t.amin(dim=1, keepdim=True)
+    pad = n_groups(in_features, group_size) * group_size - in_features
+    return torch.nn.functional.pad(t, (0, pad), value=float("inf")).view(out, -1, group_size).amin(dim=2)

@@ -26,7 +26,11 @@ __all__ = ["PeqaConfig", "PeqaModel", "PeqaLinear", "IntLinear", "plan", "quanti
 def plan(cfg) -> MethodPlan:
     """``qft finetune --method peqa --bits 3 --group-size 128``: a float base (quantized when the adapter is
     applied) or a folder written by ``qft quantize`` (its settings must match ``--bits``/``--group-size``)."""
+    import torch
+
+    from qft.adapters.peqa.gptq import gptq_settings, require_gptqmodel
     from qft.adapters.qlora import lora_targets
+    from qft.errors import QftError
     from qft.models import load_base
 
     peft_config = PeqaConfig(bits=cfg.bits, group_size=cfg.group_size, target_modules=lora_targets(cfg.target_modules),
@@ -37,6 +41,14 @@ def plan(cfg) -> MethodPlan:
         if is_quantized_folder(model_id):
             source["quantized_base"] = model_id
             return load_quantized(model_id, expect=(cfg.bits, cfg.group_size))
+        gptq = gptq_settings(model_id)
+        if gptq is not None:  # PEQA on GPTQ's integers (optional gptqmodel)
+            require_gptqmodel()
+            if gptq != (cfg.bits, cfg.group_size):
+                raise QftError(f"{model_id} is GPTQ-quantized to {gptq[0]} bits in groups of {gptq[1]}",
+                               f"pass --bits {gptq[0]} --group-size {gptq[1]}")
+            source["quantized_base"], source["rounding"] = model_id, "gptq"
+            return load_base(model_id, None, dtype=torch.float16)
         return load_base(model_id, None)
 
     return MethodPlan(load_base=load, peft_config=peft_config,

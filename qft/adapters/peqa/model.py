@@ -10,6 +10,7 @@ from __future__ import annotations
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
+from qft.adapters.peqa.gptq import int_linear_from_gptq, is_gptq_layer
 from qft.adapters.peqa.layer import IntLinear, PeqaLinear
 from qft.errors import QftError
 
@@ -18,7 +19,8 @@ ALL_LINEAR = "all-linear"
 
 def linear_module_names(model: nn.Module) -> set[str]:
     """Every float or integer linear layer except the output head and layers inside adapters."""
-    found = {name for name, m in model.named_modules() if isinstance(m, (nn.Linear, IntLinear, PeqaLinear))}
+    found = {name for name, m in model.named_modules()
+             if isinstance(m, (nn.Linear, IntLinear, PeqaLinear)) or is_gptq_layer(m)}
     inside = {f"{prefix}.{sub}" for prefix, m in model.named_modules() if isinstance(m, BaseTunerLayer)
               for sub, _ in m.named_modules() if sub}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -62,6 +64,9 @@ class PeqaModel(BaseTuner):
             check_settings(target, bits, group_size, current_key)
         elif isinstance(target, nn.Linear):
             target = IntLinear.from_linear(target, bits, group_size)
+        elif is_gptq_layer(target):  # GPTQ's integers and scales, taken as they are
+            target = int_linear_from_gptq(target)
+            check_settings(target, bits, group_size, current_key)
         else:
             raise QftError(f"PEQA quantizes linear layers, but target {current_key!r} is a {type(target).__name__}",
                            "pass --target-modules names of nn.Linear layers (e.g. q_proj,v_proj) or 'all-linear'")
