@@ -1,0 +1,33 @@
+"""QST, Quantized Side Tuning (Zhang et al., 2024, arXiv:2401.07159), as a peft method.
+
+The LLM (4-bit NF4 in real use) stays frozen and runs without autograd; a small side network, fed by the
+LLM's per-layer hidden states through downsample modules and mixed in by learned gates, produces the state
+that goes into the LLM's LM head. Memory for weights (4-bit), optimizer states (few trainable parameters)
+and activations (no backward through the LLM) all shrink.
+
+    model = get_peft_model(model, QstConfig(r=16, downsample="lora"))
+"""
+
+from __future__ import annotations
+
+from qft.adapters import MethodPlan
+from qft.adapters.qst.config import DOWNSAMPLE_KINDS, QstConfig
+from qft.adapters.qst.layer import QstLayer, SideNetwork
+from qft.adapters.qst.model import SUPPORTED_MODEL_TYPES, QstModel
+from qft.registry import register_method
+
+__all__ = ["QstConfig", "QstModel", "QstLayer", "SideNetwork", "SUPPORTED_MODEL_TYPES", "DOWNSAMPLE_KINDS", "plan"]
+
+register_method(name="qst", config_cls=QstConfig, model_cls=QstModel, prefix="qst_")
+
+
+def plan(cfg) -> MethodPlan:
+    """``qft finetune --method qst``: NF4 base, QstConfig(r=--side-reduction, downsample=--downsample)."""
+    from qft.models import QuantSettings, load_base
+
+    quant = QuantSettings(double_quant=cfg.double_quant)
+    return MethodPlan(
+        load_base=lambda model_id: load_base(model_id, quant),
+        peft_config=QstConfig(r=cfg.side_reduction, downsample=cfg.downsample),
+        describe_base=quant.to_dict,
+    )

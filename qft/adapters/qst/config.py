@@ -1,0 +1,60 @@
+"""QstConfig: the peft config of Quantized Side Tuning (Zhang et al., 2024, arXiv:2401.07159)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+
+from qft.errors import QftError
+
+DOWNSAMPLE_KINDS = ("lora", "pool", "maxpool", "linear")
+
+
+@dataclass
+class QstConfig(PeftConfig):
+    """A side network beside a frozen (usually 4-bit) causal LM; see ``qft.adapters.qst``."""
+
+    r: int = field(default=16, metadata={
+        "help": "Side reduction factor: the side network is hidden_size / r wide (the paper's r, 16 by default)."})
+    downsample: str = field(default="lora", metadata={
+        "help": "How each layer's hidden state is shrunk to the side width: 'lora' (low-rank adapter A->act->B "
+                "+ LayerNorm, as in the reference code), 'pool' / 'maxpool' (gradient-free average / max pooling "
+                "along the hidden dimension), or 'linear' (one dense projection)."})
+    lora_rank: int = field(default=16, metadata={"help": "Inner rank of the 'lora' downsample modules."})
+    activation: str = field(default="silu", metadata={
+        "help": "Activation between the 'lora' downsample's A and B (a transformers ACT2FN name)."})
+    num_heads: int = field(default=0, metadata={
+        "help": "Attention heads of each side block; 0 picks the most heads (<= 8) with head size >= 16."})
+    mlp_ratio: int = field(default=4, metadata={"help": "Side block MLP width = side width x this."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the downsampled states and side blocks."})
+    gate_init: float = field(default=0.0, metadata={
+        "help": "Initial logit of each layer's gate; the side state is (1-sigmoid(g)) * downsampled + "
+                "sigmoid(g) * previous side state (0 gives 0.5, as in the paper)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        from qft.registry import add_peft_type
+
+        self.peft_type = add_peft_type("qst")
+        if self.task_type is None:
+            self.task_type = "CAUSAL_LM"
+        if self.task_type != "CAUSAL_LM":
+            raise QftError(f"QST supports task_type CAUSAL_LM only, got {self.task_type!r}",
+                           "leave task_type unset or pass 'CAUSAL_LM'")
+        if self.r < 1:
+            raise QftError(f"QST side reduction r must be at least 1, got {self.r}", "pass e.g. r=16")
+        if self.downsample not in DOWNSAMPLE_KINDS:
+            raise QftError(f"unknown QST downsample {self.downsample!r}",
+                           f"choose one of {', '.join(DOWNSAMPLE_KINDS)}")
+        for name in ("lora_rank", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise QftError(f"QST {name} must be at least 1, got {getattr(self, name)}", f"pass a positive {name}")
+        if self.num_heads < 0:
+            raise QftError(f"QST num_heads must be 0 (auto) or positive, got {self.num_heads}", "pass 0 or e.g. 4")
+        if not 0 <= self.dropout < 1:
+            raise QftError(f"QST dropout must be in [0, 1), got {self.dropout}", "pass e.g. 0.1")
+        from transformers.activations import ACT2FN
+
+        if self.activation not in ACT2FN:
+            raise QftError(f"unknown activation {self.activation!r}", "pass e.g. 'silu', 'gelu' or 'relu'")

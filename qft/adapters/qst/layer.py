@@ -1,0 +1,145 @@
+"""QST's side network and the peft tuner layer that holds it.
+
+Per backbone layer i (hidden states h_0 = embeddings, h_1 .. h_L = layer outputs, from the frozen LLM):
+
+    s_0 = down_0(h_0)
+    s_i = block_i((1 - sigmoid(g_i)) * down_i(h_i) + sigmoid(g_i) * s_{i-1})        i = 1..L
+    out = alpha * h_L + (1 - alpha) * up(norm(s_L))                                  alpha starts at 1
+
+``out`` goes into the LLM's frozen LM head. The side width is hidden / r. ``alpha`` starts at 1 as in the
+paper, so at initialisation the model's output is exactly the LLM's.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.activations import ACT2FN
+
+from qft.adapters.qst.functional import pool_hidden, side_attention, side_attention_mask
+from qft.errors import QftError
+
+
+class LoraDownsample(nn.Module):
+    """hidden -> rank -> act -> width, then LayerNorm (the reference code's AdapterLinear)."""
+
+    def __init__(self, hidden: int, width: int, rank: int, activation: str):
+        super().__init__()
+        self.A = nn.Linear(hidden, rank, bias=False)
+        self.act = ACT2FN[activation]
+        self.B = nn.Linear(rank, width, bias=False)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.B(self.act(self.A(h))))
+
+
+class PoolDownsample(nn.Module):
+    """Gradient-free: average or max pooling along the hidden dimension (no parameters)."""
+
+    def __init__(self, width: int, mode: str):
+        super().__init__()
+        self.width, self.mode = width, mode
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return pool_hidden(h, self.width, self.mode)
+
+
+def make_downsample(kind: str, hidden: int, width: int, cfg) -> nn.Module:
+    if kind == "lora":
+        return LoraDownsample(hidden, width, cfg.lora_rank, cfg.activation)
+    if kind in ("pool", "maxpool"):
+        return PoolDownsample(width, "avg" if kind == "pool" else "max")
+    return nn.Linear(hidden, width)
+
+
+def auto_heads(width: int) -> int:
+    """The most heads (8, 4, 2 or 1) that divide ``width`` with a head size of at least 16."""
+    return next((h for h in (8, 4, 2) if width % h == 0 and width // h >= 16), 1)
+
+
+class SideBlock(nn.Module):
+    """A small pre-norm transformer block (causal self-attention + MLP) at the side width.
+
+    No positional encoding: its inputs are the LLM's hidden states, which already carry position.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, w = s.shape
+        q, k, v = self.qkv(self.norm1(s)).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        att = side_attention(q, k, v, mask, self.dropout if self.training else 0.0)  # (b, heads, t, head_dim)
+        s = s + self.drop(self.proj(att.transpose(1, 2).reshape(b, t, w)))
+        return s + self.drop(self.mlp(self.norm2(s)))
+
+
+class SideNetwork(nn.Module):
+    """Everything QST trains: downsample modules, per-layer gates, side blocks, upsample and output gate."""
+
+    def __init__(self, hidden: int, out_dim: int, num_layers: int, cfg):
+        super().__init__()
+        width = hidden // cfg.r
+        if width < 1:
+            raise QftError(f"QST side width hidden_size // r = {hidden} // {cfg.r} is 0", f"pass r <= {hidden}")
+        heads = cfg.num_heads or auto_heads(width)
+        if width % heads:
+            raise QftError(f"QST side width {width} is not divisible by num_heads={heads}",
+                           "pass num_heads=0 (auto) or a divisor of hidden_size // r")
+        self.width = width
+        self.down = nn.ModuleList(make_downsample(cfg.downsample, hidden, width, cfg) for _ in range(num_layers + 1))
+        self.gates = nn.Parameter(torch.full((num_layers,), float(cfg.gate_init)))  # one scalar per layer
+        self.blocks = nn.ModuleList(SideBlock(width, heads, cfg.mlp_ratio, cfg.dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, out_dim)
+        self.alpha = nn.Parameter(torch.ones(()))  # output mix; 1 = the LLM alone (the paper's init)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, hidden_states, final: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """hidden_states: L+1 tensors (batch, seq, hidden); final: (batch, seq, out_dim) that feeds the LM head."""
+        dtype = self.up.weight.dtype
+        b, t = final.shape[:2]
+        mask = side_attention_mask(attention_mask, b, t, final.device)
+        side = self.drop(self.down[0](hidden_states[0].to(dtype)))
+        gates = torch.sigmoid(self.gates)
+        for i, block in enumerate(self.blocks):
+            down = self.drop(self.down[i + 1](hidden_states[i + 1].to(dtype)))
+            side = block((1 - gates[i]) * down + gates[i] * side, mask)
+        mixed = self.alpha * final.to(dtype) + (1 - self.alpha) * self.up(self.norm(side))
+        return mixed.to(final.dtype)
+
+
+class QstLayer(nn.Module, BaseTunerLayer):
+    """peft's handle on the side networks (one per adapter name), attached to the LLM as ``qst_side``.
+
+    It wraps no base layer: QST changes no LLM module. Being a ``BaseTunerLayer`` is what lets peft find the
+    side network's parameters (trainability, state dict filtering), switch adapters and disable them.
+    """
+
+    adapter_layer_names = ("qst_net",)
+
+    def __init__(self):
+        super().__init__()
+        self.qst_net = nn.ModuleDict()
+        self.merged_adapters = []
+        self._active_adapter = "default"
+
+    def update_layer(self, adapter_name: str, net: SideNetwork) -> None:
+        self.qst_net[adapter_name] = net
+        self.set_adapter(self.active_adapters)
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise QftError("a QST side network cannot be merged into the LLM's weights",
+                       "keep the model wrapped (PeftModel) for inference, or use unload() to drop the side network")
+
+    def unmerge(self) -> None:
+        pass
