@@ -180,3 +180,22 @@ def test_cli_bad_density(tiny_model_dir, jsonl, tmp_path, density, needle):
                               "--output", str(tmp_path / "o")])
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert res.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.output
+
+
+def test_plan_float_default_and_nf4_option(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    from qft.adapters.spiel import plan
+    from qft.train import FinetuneConfig
+
+    cfg = FinetuneConfig(method="spiel", density="lora:2", reselect_every=4)
+    p = plan(cfg)
+    assert isinstance(p.callbacks[0], SpielCallback) and p.peft_config.reselect_every == 4
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in p.load_base(str(tiny_model_dir)).modules())
+    cfg.quantize_base = True  # proposed FinetuneConfig field; plan() already honours it
+    p = plan(cfg)
+    model = get_peft_model(p.load_base(str(tiny_model_dir)), p.peft_config)
+    assert all(isinstance(m.get_base_layer(), bnb.nn.Linear4bit) for m in _layers(model))
+    assert p.describe_base()["quant_type"] == "nf4"
+    # lora:2 over q/k/v/o/gate/up/down of 2 layers: 2 * (out + in) entries each
+    assert _active(model) == 2 * 2 * (4 * (64 + 64) - 2 * 32 + 3 * (128 + 64))

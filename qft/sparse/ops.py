@@ -42,15 +42,18 @@ def delta_matmul_reference(x: torch.Tensor, values, indices, shape) -> torch.Ten
 
 
 def delta_matmul(x: torch.Tensor, values, indices, shape) -> torch.Tensor:
-    """``x @ D.T`` through a CSR product; computes in ``values.dtype`` (CPU sparse kernels lack bf16)."""
+    """``x @ D.T`` through a CSR product; computes in ``values.dtype`` (CPU sparse kernels lack bf16, so
+    autocast, which the Trainer turns on for bf16 runs, is switched off around the product)."""
     x2 = x.reshape(-1, shape[1]).to(values.dtype)  # (tokens, in)
-    y = (_csr(values, indices, shape) @ x2.T).T  # (tokens, out)
+    with torch.autocast(x.device.type, enabled=False):
+        y = (_csr(values, indices, shape) @ x2.T).T  # (tokens, out)
     return y.to(x.dtype).reshape(*x.shape[:-1], shape[0])
 
 
 def _delta_t_matmul(g2: torch.Tensor, values, indices, shape) -> torch.Tensor:
     """``g @ D``: (tokens, out) -> (tokens, in)."""
-    return (_csr(values, indices, shape).t() @ g2.to(values.dtype).T).T
+    with torch.autocast(g2.device.type, enabled=False):
+        return (_csr(values, indices, shape).t() @ g2.to(values.dtype).T).T
 
 
 def sddmm_reference(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -95,7 +98,8 @@ class SparseDeltaMatmul(torch.autograd.Function):
             grad_x = _delta_t_matmul(g2, values, indices, shape).to(x.dtype).reshape(x.shape)
         if ctx.probe is not None:
             g2, x2 = grad_out.reshape(-1, shape[0]), x.reshape(-1, shape[1])
-            dense = g2.T.float() @ x2.float()  # (out, in), transient
+            with torch.autocast(x.device.type, enabled=False):
+                dense = g2.T.float() @ x2.float()  # (out, in), transient
             ctx.probe(dense)
             if ctx.needs_input_grad[1]:
                 grad_values = dense.reshape(-1)[indices].to(values.dtype)

@@ -24,16 +24,22 @@ __all__ = ["SpielCallback", "SpielConfig", "SpielLinear", "SpielModel", "plan"]
 
 
 def plan(cfg) -> MethodPlan:
-    """``qft finetune --method spiel --density 0.01``: sparse deltas over the float base (TRL's SFTTrainer)."""
+    """``qft finetune --method spiel --density 0.01``: sparse deltas over the float base (TRL's SFTTrainer).
+
+    A FinetuneConfig with ``quantize_base=True`` (not a CLI option yet) loads the base in NF4 instead.
+    """
+    import torch
+
     from qft.adapters.qlora import lora_targets
-    from qft.models import load_base
+    from qft.models import QuantSettings, load_base
 
     config = SpielConfig(density=cfg.density if cfg.density is not None else "0.01",
                          target_modules=lora_targets(cfg.target_modules), reselect_every=cfg.reselect_every,
                          accumulation_steps=min(5, cfg.reselect_every), seed=cfg.seed, task_type="CAUSAL_LM")
-    return MethodPlan(
-        load_base=lambda model_id: load_base(model_id, None),
-        peft_config=config,
-        callbacks=[SpielCallback()],
-        describe_base=lambda: {"method": "float", "quant_type": None},
-    )
+    if getattr(cfg, "quantize_base", False):
+        quant = QuantSettings(double_quant=cfg.double_quant)
+        return MethodPlan(load_base=lambda model_id: load_base(model_id, quant), peft_config=config,
+                          callbacks=[SpielCallback()], describe_base=quant.to_dict)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # the deltas stay float32
+    return MethodPlan(load_base=lambda model_id: load_base(model_id, None, dtype=dtype), peft_config=config,
+                      callbacks=[SpielCallback()])
