@@ -25,7 +25,15 @@ def test_directions_are_reproducible_and_distinct():
     assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
 
 
-def test_perturbed_forward_equals_inplace_reference_and_restores_exactly():
+@pytest.fixture(params=["whole", "pieces"])
+def chunking(request, monkeypatch):
+    """Run a test with z drawn whole, and again split into pieces of 1000 elements."""
+    if request.param == "pieces":
+        monkeypatch.setattr("qft.zo.spsa.CHUNK", 1000)
+    return request.param
+
+
+def test_perturbed_forward_equals_inplace_reference_and_restores_exactly(chunking):
     model = tiny_model("llama")
     x = tiny_inputs(model)
     params = _params(model)
@@ -66,7 +74,7 @@ def test_projected_grad_matches_directional_derivative():
     assert abs(g.item() - exact.item()) <= 5e-5 * abs(exact.item())
 
 
-def test_update_is_sgd_along_the_same_directions():
+def test_update_is_sgd_along_the_same_directions(chunking):
     params = [torch.randn(70, 30), torch.randn(30)]
     before = [p.clone() for p in params]
     apply_update_(params, [(4, 0.5), (9, -2.0)], lr=0.1, weight_decay=0.01, decay_mask=[True, False],

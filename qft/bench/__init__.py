@@ -25,7 +25,13 @@ SUITES = {
         "stock-trl": "TRL docs: bnb NF4 model + SFTTrainer(peft_config=LoraConfig)",
         "qft": "qft finetune --method qlora: bnb NF4 + lean RMSNorm/SwiGLU + SFTTrainer(peft_config)",
     },
+    "mezo": {
+        "inference": "two bf16 forward passes (the floor a ZO step is measured against)",
+        "mezo-plain": "MeZO's reference loop: in-place per-tensor +eps, fwd, -2eps, fwd, +eps, update",
+        "qft-mezo": "qft: perturbation inside each module's forward, bucketed _foreach update",
+    },
 }
+WORKERS = {"qlora": "qft.bench.worker", "mezo": "qft.bench.zo_worker"}
 
 
 def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmup: int, rank: int,
@@ -43,11 +49,12 @@ def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmu
         log(f"[{suite}] {path}: {what}")
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             result_file = f.name
-        cmd = [sys.executable, "-m", "qft.bench.worker", "--suite", suite, "--path", path, "--model", str(ckpt),
-               "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup),
-               "--rank", str(rank), "--optim", optim, "--result", result_file]
-        if gradient_checkpointing:
-            cmd.append("--gradient-checkpointing")
+        cmd = [sys.executable, "-m", WORKERS[suite], "--path", path, "--model", str(ckpt), "--batch", str(batch),
+               "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--result", result_file]
+        if suite == "qlora":
+            cmd += ["--suite", suite, "--rank", str(rank), "--optim", optim]
+            if gradient_checkpointing:
+                cmd.append("--gradient-checkpointing")
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -60,10 +67,11 @@ def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmu
         log(f"  peak {rows[path]['peak_gib']:.2f} GiB, {rows[path]['tokens_per_s']:.0f} tokens/s "
             f"({time.time() - t0:.0f} s)")
     ratios = {}
-    for base in (p for p in SUITES[suite] if p.startswith("stock")):
-        b, q = rows.get(base, {}), rows.get("qft", {})
+    ours = [p for p in SUITES[suite] if p.startswith("qft")][0]
+    for base in (p for p in SUITES[suite] if p != ours):
+        b, q = rows.get(base, {}), rows.get(ours, {})
         if "peak_gib" in b and "peak_gib" in q:
-            ratios[f"qft/{base}"] = {
+            ratios[f"{ours}/{base}"] = {
                 "memory": round(q["peak_gib"] / b["peak_gib"], 3),
                 "speed": round(q["tokens_per_s"] / b["tokens_per_s"], 3),
             }

@@ -15,7 +15,7 @@ from qft.cli.common import console, user_errors
 
 @user_errors
 def bench_command(
-    suite: str = typer.Argument("qlora", help="What to benchmark: qlora."),
+    suite: str = typer.Argument("qlora", help="What to benchmark: qlora (vs stock peft/TRL) or mezo (vs inference and MeZO's loop)."),
     shape: str = typer.Option("tinyllama-1.1b", "--shape", help="Model shape: llama3-8b, tinyllama-1.1b or tiny."),
     batch: int = typer.Option(4, "--batch", help="Sequences per step."),
     seq: int = typer.Option(512, "--seq", help="Tokens per sequence."),

@@ -25,20 +25,48 @@ MaskFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 _MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio (Knuth's multiplicative hashing constant)
 
 
-def tensor_seed(step_seed: int, index: int) -> int:
-    """A distinct, reproducible seed for tensor ``index`` under one step's seed."""
-    return (step_seed * 1_000_003 + (index + 1) * _MIX) % (2**63 - 1)
+CHUNK = 2**24  # elements per generated piece of z: bounds the extra memory of a step to one piece
 
 
-def direction(p: torch.Tensor, step_seed: int, index: int, mask_fn: MaskFn | None = None) -> torch.Tensor:
-    """z for tensor ``index``: standard normal, same shape/dtype/device as ``p``, regenerated from the seeds."""
-    g = torch.Generator(device=p.device).manual_seed(tensor_seed(step_seed, index))
-    z = torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
+def tensor_seed(step_seed: int, index: int, piece: int = 0) -> int:
+    """A distinct, reproducible seed for piece ``piece`` of tensor ``index`` under one step's seed."""
+    return (step_seed * 1_000_003 + (index + 1) * _MIX + piece * 0x2545F4914F6CDD1D) % (2**63 - 1)
+
+
+def _pieces(numel: int):
+    chunk = CHUNK  # read at call time (tests shrink it to exercise the splitting)
+    for k, start in enumerate(range(0, numel, chunk)):
+        yield k, start, min(start + chunk, numel)
+
+
+def direction_piece(p: torch.Tensor, step_seed: int, index: int, piece: int, start: int, stop: int,
+                    mask_fn: MaskFn | None = None) -> torch.Tensor:
+    """z for elements ``[start, stop)`` of ``p`` (flattened): standard normal, ``p``'s dtype and device.
+
+    ``mask_fn`` must be elementwise (it sees only this piece of ``p``)."""
+    g = torch.Generator(device=p.device).manual_seed(tensor_seed(step_seed, index, piece))
+    z = torch.randn(stop - start, generator=g, device=p.device, dtype=p.dtype)
     if mask_fn is not None:
-        mask = mask_fn(p)
+        mask = mask_fn(p.detach().reshape(-1)[start:stop])
         if mask is not None:
             z.mul_(mask)
     return z
+
+
+def direction(p: torch.Tensor, step_seed: int, index: int, mask_fn: MaskFn | None = None) -> torch.Tensor:
+    """The whole z of tensor ``index`` (for references and tests; the training path works piece by piece)."""
+    parts = [direction_piece(p, step_seed, index, k, a, b, mask_fn) for k, a, b in _pieces(p.numel())]
+    return torch.cat(parts).view(p.shape) if parts else torch.empty_like(p)
+
+
+def perturbed_copy(p: torch.Tensor, step_seed: int, index: int, scale: float,
+                   mask_fn: MaskFn | None = None) -> torch.Tensor:
+    """θ + scale·z as a new tensor, built piece by piece (one copy of θ plus one piece of z)."""
+    out = p.detach().clone()
+    flat = out.view(-1)
+    for k, a, b in _pieces(p.numel()):
+        flat[a:b].add_(direction_piece(p, step_seed, index, k, a, b, mask_fn), alpha=scale)
+    return out
 
 
 def perturb_inplace_(params: Sequence[torch.Tensor], step_seed: int, scale: float,
@@ -83,7 +111,7 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
                 p = holder._parameters[pname]
                 saved.append((holder, pname, p))
                 seen.add(id(p))
-                holder._parameters[pname] = p + scale * direction(p, step_seed, index[id(p)], mask_fn)
+                holder._parameters[pname] = perturbed_copy(p, step_seed, index[id(p)], scale, mask_fn)
 
         def post_hook(module, args, output):
             restore()
@@ -110,16 +138,17 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
             restore()
 
 
-def _buckets(params: Sequence[torch.Tensor], max_bytes: int) -> Iterable[list[int]]:
-    bucket, size = [], 0
+def _bucketed_pieces(params: Sequence[torch.Tensor], max_bytes: int):
+    """Group (tensor index, piece, start, stop) into buckets of at most ``max_bytes`` (one dtype and device)."""
+    bucket, size, key = [], 0, None
     for i, p in enumerate(params):
-        nbytes = p.numel() * p.element_size()
-        if bucket and (size + nbytes > max_bytes or p.device != params[bucket[0]].device
-                       or p.dtype != params[bucket[0]].dtype):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(i)
-        size += nbytes
+        for k, a, b in _pieces(p.numel()):
+            nbytes = (b - a) * p.element_size()
+            if bucket and (size + nbytes > max_bytes or (p.device, p.dtype) != key):
+                yield bucket
+                bucket, size = [], 0
+            bucket.append((i, k, a, b))
+            size, key = size + nbytes, (p.device, p.dtype)
     if bucket:
         yield bucket
 
@@ -129,16 +158,16 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
                   mask_fn: MaskFn | None = None, bucket_bytes: int = 256 * 2**20) -> None:
     """θ ← θ − lr·(Σ_j g_j·z_j + wd·θ), with z_j regenerated from seed j.
 
-    The adds run as ``torch._foreach`` ops over buckets of at most ``bucket_bytes`` of directions, so the
-    extra memory is one bucket, not a copy of the parameters.
+    The adds run as ``torch._foreach`` ops over buckets of pieces (at most ``bucket_bytes`` of directions),
+    so the extra memory is one bucket, never a copy of the parameters.
     """
     with torch.no_grad():
-        for bucket in _buckets(params, bucket_bytes):
-            ps = [params[i] for i in bucket]
-            if weight_decay and decay_mask is not None:
-                decayed = [params[i] for i in bucket if decay_mask[i]]
-                if decayed:
-                    torch._foreach_mul_(decayed, 1.0 - lr * weight_decay)
+        if weight_decay and decay_mask is not None:
+            decayed = [p for p, d in zip(params, decay_mask) if d]
+            if decayed:
+                torch._foreach_mul_(decayed, 1.0 - lr * weight_decay)
+        for bucket in _bucketed_pieces(params, bucket_bytes):
+            views = [params[i].view(-1)[a:b] for i, _, a, b in bucket]
             for seed, g in seeds_and_grads:
-                zs = [direction(params[i], seed, i, mask_fn) for i in bucket]
-                torch._foreach_add_(ps, zs, alpha=-lr * g)
+                zs = [direction_piece(params[i], seed, i, k, a, b, mask_fn) for i, k, a, b in bucket]
+                torch._foreach_add_(views, zs, alpha=-lr * g)

@@ -1,0 +1,84 @@
+"""One MeZO benchmark path in its own process: bf16 random-weight model, one batch, timed steps.
+
+Paths: ``inference`` (two forward passes, the floor a ZO step is measured against), ``mezo-plain`` (the
+reference per-tensor in-place loop: +eps, forward, -2eps, forward, +eps, update; as MeZO's code does it),
+``qft-mezo`` (qft: perturbation inside the forward, bucketed ``_foreach`` update).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--path", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--result", required=True)
+    for name in ("batch", "seq", "steps", "warmup"):
+        ap.add_argument(f"--{name}", type=int, required=True)
+    a = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from qft.callbacks import peak_memory_gib
+    from qft.zo.optimizer import ZoSGD
+    from qft.zo.spsa import apply_update_, perturb_inplace_
+    from qft.zo.trainer import zo_projected_grad
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if cuda else torch.float32).to(device)
+    model.eval()
+    ids = torch.randint(10, model.config.vocab_size, (a.batch, a.seq), device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+    params = [p for p in model.parameters()]
+    loss_fn = lambda: model(input_ids=ids, labels=ids, use_cache=False).loss  # noqa: E731
+    opt = ZoSGD(params, lr=1e-7, seed=0)
+
+    def step_inference():
+        with torch.no_grad():
+            loss_fn()
+            loss_fn()
+
+    def step_plain():
+        seed = opt.step_seed()
+        with torch.no_grad():
+            perturb_inplace_(params, seed, 1e-3)
+            lp = loss_fn()
+            perturb_inplace_(params, seed, -2e-3)
+            lm = loss_fn()
+            perturb_inplace_(params, seed, 1e-3)
+            g = ((lp - lm) / 2e-3).item()
+        apply_update_(params, [(seed, g)], lr=1e-7, bucket_bytes=0)  # bucket of one tensor: the per-tensor loop
+        opt.zo_state["t"] += 1
+
+    def step_qft():
+        seed = opt.step_seed()
+        g, _ = zo_projected_grad(model, params, seed, 1e-3, loss_fn)
+        opt.record(seed, g.item())
+        opt.step()
+
+    step = {"inference": step_inference, "mezo-plain": step_plain, "qft-mezo": step_qft}[a.path]
+    for _ in range(a.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    ms = 1000 * (time.perf_counter() - t0) / a.steps
+    with open(a.result, "w") as f:
+        json.dump({"peak_gib": round(peak_memory_gib(), 3), "step_ms": round(ms, 2),
+                   "tokens_per_s": round(a.batch * a.seq / (ms / 1000), 1)}, f)
+
+
+if __name__ == "__main__":
+    main()
