@@ -319,3 +319,21 @@ def test_gptq_checkpoint_without_gptqmodel_is_a_clear_error(tmp_path):
         {"model_type": "llama", "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}))
     with pytest.raises(QftError, match="pip install gptqmodel"):
         plan(FinetuneConfig(method="peqa", bits=4, group_size=128)).load_base(str(tmp_path))
+
+
+def test_finetune_cli_on_a_quantized_folder(tiny_model_dir, jsonl, tmp_path):
+    from qft.cli.main import app
+
+    qdir = tmp_path / "q"
+    assert CliRunner().invoke(_quantize_cli(), ["quantize", "--bits", "2", "--group-size", "0", str(tiny_model_dir),
+                                                str(qdir)]).exit_code == 0
+    args = ["finetune", "--model", str(qdir), "--data", str(jsonl("text")), "--method", "peqa", "--max-steps", "2",
+            "--batch-size", "4"]
+    wrong = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "a0")])  # default --bits 4 --group-size 128
+    assert wrong.exit_code != 0 and "pass --bits 2 --group-size 0" in wrong.output
+    res = CliRunner().invoke(app, [*args, "--bits", "2", "--group-size", "0", "--output", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    quant = json.loads((tmp_path / "a" / "qft_quantization.json").read_text())
+    assert quant["quantized_base"] == str(qdir) and quant["bits"] == 2 and quant["group_size"] == 0
+    loaded = PeftModel.from_pretrained(load_quantized(qdir), tmp_path / "a")
+    assert any(isinstance(m, PeqaLinear) for m in loaded.modules())
