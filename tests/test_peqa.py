@@ -141,8 +141,20 @@ def test_bad_settings_are_refused(kwargs, needle):
 
 
 def test_non_linear_targets_are_refused():
-    with pytest.raises(QftError, match="'model.embed_tokens' is a Embedding"):
+    with pytest.raises(QftError, match="'model.embed_tokens' is of type Embedding"):
         get_peft_model(tiny_model("llama"), _config(target_modules=["embed_tokens"]))
+
+
+def test_float_weights_are_freed_once_quantized():
+    import gc
+    import weakref
+
+    base = tiny_model("llama")
+    refs = [weakref.ref(m.weight) for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    model = get_peft_model(base, _config())
+    gc.collect()
+    assert refs and all(r() is None for r in refs)  # only the integers, zero points and scales remain
+    assert isinstance(model.base_model.model.lm_head, torch.nn.Linear)  # the head stays float
 
 
 def test_group_size_that_does_not_divide_pads_the_last_group():
@@ -331,9 +343,30 @@ def test_finetune_cli_on_a_quantized_folder(tiny_model_dir, jsonl, tmp_path):
             "--batch-size", "4"]
     wrong = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "a0")])  # default --bits 4 --group-size 128
     assert wrong.exit_code != 0 and "pass --bits 2 --group-size 0" in wrong.output
+    not_linear = CliRunner().invoke(app, [*args, "--bits", "2", "--group-size", "0", "--target-modules", "embed_tokens",
+                                          "--output", str(tmp_path / "a1")])
+    assert not_linear.exit_code != 0 and "is of type Embedding" in not_linear.output
+    assert "Traceback" not in not_linear.output
     res = CliRunner().invoke(app, [*args, "--bits", "2", "--group-size", "0", "--output", str(tmp_path / "a")])
     assert res.exit_code == 0, res.output
     quant = json.loads((tmp_path / "a" / "qft_quantization.json").read_text())
     assert quant["quantized_base"] == str(qdir) and quant["bits"] == 2 and quant["group_size"] == 0
     loaded = PeftModel.from_pretrained(load_quantized(qdir), tmp_path / "a")
     assert any(isinstance(m, PeqaLinear) for m in loaded.modules())
+
+
+def test_disabled_adapter_is_the_quantized_base_and_adapters_switch():
+    base = _int_base("llama")
+    x = tiny_inputs(base)
+    expected_base = logits(base, x)
+    model = get_peft_model(base, _config())
+    perturb_adapter(model, MARKER)
+    tuned = logits(model, x)
+    assert not torch.equal(tuned, expected_base)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, x), expected_base, rtol=0, atol=0)
+    model.add_adapter("other", _config())  # a second set of scales, starting from the base's
+    model.set_adapter("other")
+    torch.testing.assert_close(logits(model, x), expected_base, rtol=0, atol=0)
+    model.set_adapter("default")
+    torch.testing.assert_close(logits(model, x), tuned, rtol=0, atol=0)

@@ -68,7 +68,7 @@ class PeqaModel(BaseTuner):
             target = int_linear_from_gptq(target)
             check_settings(target, bits, group_size, current_key)
         else:
-            raise QftError(f"PEQA quantizes linear layers, but target {current_key!r} is a {type(target).__name__}",
+            raise QftError(f"PEQA quantizes linear layers, but target {current_key!r} is of type {type(target).__name__}",
                            "pass --target-modules names of nn.Linear layers (e.g. q_proj,v_proj) or 'all-linear'")
         self._replace_module(parent, target_name, PeqaLinear(target, adapter_name), target)
 
