@@ -1,6 +1,6 @@
 """qft: memory-efficient fine-tuning methods for Hugging Face LLMs, as PEFT methods.
 
-``import qft`` registers qft's methods with peft; the rest loads on first use.
+``import qft`` registers qft's methods with peft (PEQA, QST, SpIEL, Sparse-MeZO); the rest loads on first use.
 """
 
 from __future__ import annotations
@@ -13,6 +13,13 @@ from qft.registry import register_method, registered_methods
 __version__ = "0.1.0"
 
 _LAZY = {
+    "PeqaConfig": "qft.adapters.peqa",
+    "QstConfig": "qft.adapters.qst",
+    "SpielConfig": "qft.adapters.spiel",
+    "SparseMezoConfig": "qft.adapters.sparse_mezo",
+    "ZoArguments": "qft.zo.trainer",
+    "ZoTrainer": "qft.zo.trainer",
+    "zo_sft_trainer_cls": "qft.zo.trainer",
     "QftMetricsCallback": "qft.callbacks",
     "FinetuneConfig": "qft.train",
     "FinetuneResult": "qft.train",
@@ -21,6 +28,12 @@ _LAZY = {
     "keep_bnb_layout": "qft.quant",
     "dequantize_nf4": "qft.quant",
 }
+
+# Register every qft method with peft now, so that PeftModel.from_pretrained reads qft adapters after
+# `import qft` (the packages are light; the heavy imports inside them are peft's and torch's own).
+for _method in ("peqa", "qst", "spiel", "sparse_mezo"):
+    importlib.import_module(f"qft.adapters.{_method}")
+del _method
 
 __all__ = ["QftError", "register_method", "registered_methods", "__version__", *_LAZY]
 

@@ -117,8 +117,12 @@ def _split_eval(ds, seed: int):
     return parts["train"], parts["test"]
 
 
-def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: bool = True) -> FinetuneResult:
-    """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method`` and save the adapter in ``cfg.output``."""
+def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: bool = True,
+             eval_task=None) -> FinetuneResult:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method`` and save the adapter in ``cfg.output``.
+
+    ``eval_task`` (a :class:`qft.data.LabelWordTask`) replaces the held-out loss by label-word accuracy.
+    """
     from trl import SFTConfig, SFTTrainer
     from qft.callbacks import QftMetricsCallback, rich_progress_callback
     from qft.data import default_task, load_records, to_sft
@@ -133,9 +137,10 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
     base_name = cfg.model or DEFAULT_MODEL_NAME
     tok = load_tokenizer(model_id)
 
-    task = None
+    task = eval_task
     if cfg.data is None:
-        train_ds, task = default_task(seed=cfg.seed)
+        train_ds, default_eval = default_task(seed=cfg.seed)
+        task = task or default_eval
         eval_ds, max_steps = None, cfg.max_steps or 80
     else:
         train_ds, _ = to_sft(load_records(cfg.data), tok)

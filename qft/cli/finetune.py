@@ -87,6 +87,8 @@ def finetune_command(
         console.print(f"  from transformers import AutoModelForCausalLM\n"
                       f"  model = AutoModelForCausalLM.from_pretrained({str(result.output)!r})", highlight=False)
         return
+    if cfg.method != "qlora":
+        console.print("  import qft  # registers qft's methods with peft", highlight=False)
     console.print(
         "  from transformers import AutoModelForCausalLM\n"
         "  from peft import PeftModel\n"

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from qft.cli import bench, finetune, methods
+from qft.cli import bench, finetune, methods, quantize
 
 app = typer.Typer(
     name="qft",
@@ -34,6 +34,7 @@ def _quiet_libraries() -> None:
 app.command("finetune", help=finetune.__doc__)(finetune.finetune_command)
 app.command("methods", help=methods.__doc__)(methods.methods_command)
 app.command("bench", help=bench.__doc__)(bench.bench_command)
+app.command("quantize", help=quantize.__doc__)(quantize.quantize_command)
 
 
 def main() -> None:
