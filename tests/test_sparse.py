@@ -182,12 +182,12 @@ def test_reselect_fraction_decays_to_zero():
 def test_autograd_under_bf16_autocast():
     """The Trainer runs bf16 models under autocast; CPU sparse kernels have no bf16, so the op opts out."""
     idx, v0 = _delta(24, 40, 90)
-    x = torch.randn(2, 5, 40, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, 5, 40, generator=torch.Generator().manual_seed(4)).bfloat16().requires_grad_()
     v = v0.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = sparse_delta_matmul(x, v, idx, (24, 40))
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16 and v.grad.dtype == torch.float32
     ref = (x.detach().float() @ scatter_dense(v0, idx, (24, 40)).T)
-    # measured max |error| 0.013 (the output rounded to bf16, |y| up to ~7)
-    torch.testing.assert_close(y.float(), ref, atol=0.03, rtol=0)
+    # the output is rounded to bf16 (relative step 2^-8 = 0.0039); measured max relative error 0.002-0.004
+    torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=1e-2)
