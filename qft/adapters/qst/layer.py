@@ -6,8 +6,10 @@ Per backbone layer i (hidden states h_0 = embeddings, h_1 .. h_L = layer outputs
     s_i = block_i((1 - sigmoid(g_i)) * down_i(h_i) + sigmoid(g_i) * s_{i-1})        i = 1..L
     out = alpha * h_L + (1 - alpha) * up(norm(s_L))                                  alpha starts at 1
 
-``out`` goes into the LLM's frozen LM head. The side width is hidden / r. ``alpha`` starts at 1 as in the
-paper, so at initialisation the model's output is exactly the LLM's.
+h_L is the decoder's ``last_hidden_state`` (after its final norm, as transformers 5 reports it); ``out``
+replaces it, so it goes into the LLM's frozen LM head. The side width is hidden / r. ``alpha`` starts at 1,
+as in the paper, so at initialisation the model's output is exactly the LLM's (the reference code instead
+starts a per-dimension sigmoid gate at sigmoid(1) = 0.73, which does not reproduce the LLM at step 0).
 """
 
 from __future__ import annotations
@@ -106,16 +108,16 @@ class SideNetwork(nn.Module):
 
     def forward(self, hidden_states, final: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """hidden_states: L+1 tensors (batch, seq, hidden); final: (batch, seq, out_dim) that feeds the LM head."""
-        dtype = self.up.weight.dtype
+        device, dtype = self.up.weight.device, self.up.weight.dtype  # the LLM may be bf16 and spread over GPUs
         b, t = final.shape[:2]
-        mask = side_attention_mask(attention_mask, b, t, final.device)
-        side = self.drop(self.down[0](hidden_states[0].to(dtype)))
+        mask = side_attention_mask(attention_mask, b, t, device)
+        side = self.drop(self.down[0](hidden_states[0].to(device, dtype)))
         gates = torch.sigmoid(self.gates)
         for i, block in enumerate(self.blocks):
-            down = self.drop(self.down[i + 1](hidden_states[i + 1].to(dtype)))
+            down = self.drop(self.down[i + 1](hidden_states[i + 1].to(device, dtype)))
             side = block((1 - gates[i]) * down + gates[i] * side, mask)
-        mixed = self.alpha * final.to(dtype) + (1 - self.alpha) * self.up(self.norm(side))
-        return mixed.to(final.dtype)
+        mixed = self.alpha * final.to(device, dtype) + (1 - self.alpha) * self.up(self.norm(side))
+        return mixed.to(final.device, final.dtype)
 
 
 class QstLayer(nn.Module, BaseTunerLayer):
