@@ -16,6 +16,7 @@ _LAZY = {
     "PeqaConfig": "qft.adapters.peqa",
     "QstConfig": "qft.adapters.qst",
     "SpielConfig": "qft.adapters.spiel",
+    "SpielCallback": "qft.adapters.spiel",
     "SparseMezoConfig": "qft.adapters.sparse_mezo",
     "ZoArguments": "qft.zo.trainer",
     "ZoTrainer": "qft.zo.trainer",

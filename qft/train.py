@@ -56,6 +56,10 @@ class FinetuneConfig:
     density: str | None = field(default=None, metadata={
         "help": "SpIEL / Sparse-MeZO: trainable fraction (0.01), a count (250000), or lora:R to match LoRA rank R."})
     reselect_every: int = field(default=20, metadata={"help": "SpIEL: steps between drop-and-regrow."})
+    regrow: str = field(default="rigl", metadata={
+        "help": "SpIEL: regrowth criterion, rigl (accumulated gradients) or sm3 (approximate momenta)."})
+    quantize_base: bool = field(default=False, metadata={
+        "help": "SpIEL: put the sparse delta on a 4-bit NF4 base (sparse QLoRA) instead of a float base."})
     side_reduction: int = field(default=16, metadata={"help": "QST: side network width = hidden size / this."})
     downsample: str = field(default="lora", metadata={"help": "QST: downsample modules (lora, pool or linear)."})
     zo_eps: float = field(default=1e-3, metadata={"help": "MeZO: perturbation scale epsilon."})

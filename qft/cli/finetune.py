@@ -53,6 +53,8 @@ def finetune_command(
     group_size: Optional[int] = typer.Option(None, "--group-size", help=H("group_size")),
     density: Optional[str] = typer.Option(None, "--density", help=H("density")),
     reselect_every: Optional[int] = typer.Option(None, "--reselect-every", help=H("reselect_every")),
+    regrow: Optional[str] = typer.Option(None, "--regrow", help=H("regrow")),
+    quantize_base: Optional[bool] = typer.Option(None, "--quantize-base/--float-base", help=H("quantize_base")),
     side_reduction: Optional[int] = typer.Option(None, "--side-reduction", help=H("side_reduction")),
     downsample: Optional[str] = typer.Option(None, "--downsample", help=H("downsample")),
     zo_eps: Optional[float] = typer.Option(None, "--zo-eps", help=H("zo_eps")),

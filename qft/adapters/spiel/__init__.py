@@ -26,7 +26,7 @@ __all__ = ["SpielCallback", "SpielConfig", "SpielLinear", "SpielModel", "plan"]
 def plan(cfg) -> MethodPlan:
     """``qft finetune --method spiel --density 0.01``: sparse deltas over the float base (TRL's SFTTrainer).
 
-    A FinetuneConfig with ``quantize_base=True`` (not a CLI option yet) loads the base in NF4 instead.
+    ``--quantize-base`` (``quantize_base=True``) loads the base in NF4 instead ("sparse QLoRA").
     """
     import torch
 
@@ -35,8 +35,9 @@ def plan(cfg) -> MethodPlan:
 
     config = SpielConfig(density=cfg.density if cfg.density is not None else "0.01",
                          target_modules=lora_targets(cfg.target_modules), reselect_every=cfg.reselect_every,
-                         accumulation_steps=min(5, cfg.reselect_every), seed=cfg.seed, task_type="CAUSAL_LM")
-    if getattr(cfg, "quantize_base", False):
+                         accumulation_steps=min(5, cfg.reselect_every), seed=cfg.seed, task_type="CAUSAL_LM",
+                         regrow=cfg.regrow)
+    if cfg.quantize_base:
         quant = QuantSettings(double_quant=cfg.double_quant)
         return MethodPlan(load_base=lambda model_id: load_base(model_id, quant), peft_config=config,
                           callbacks=[SpielCallback()], describe_base=quant.to_dict)
