@@ -45,7 +45,8 @@ class FinetuneConfig:
         "help": "Comma-separated module names to adapt, or 'all-linear'."})
     double_quant: bool = field(default=True, metadata={"help": "NF4 double quantization of the scales."})
     optim: str = field(default="auto", metadata={
-        "help": "Optimizer name as transformers knows it; auto = paged_adamw_8bit on GPU, adamw_torch on CPU."})
+        "help": "Optimizer: auto (paged_adamw_8bit on GPU, adamw_torch on CPU), adamw_8bit, lion_8bit, galore_adamw, "
+                "apollo_adamw, apollo_mini, spam, stable_spam, or any transformers optimizer name."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     fused_kernels: bool = field(default=True, metadata={
         "help": "Use qft's lean RMSNorm/SwiGLU (less activation memory, same math)."})
@@ -64,10 +65,21 @@ class FinetuneConfig:
     downsample: str = field(default="lora", metadata={"help": "QST: downsample modules (lora, pool or linear)."})
     zo_eps: float = field(default=1e-3, metadata={"help": "MeZO: perturbation scale epsilon."})
     zo_samples: int = field(default=1, metadata={"help": "MeZO: random directions (q) per step."})
+    eval_steps: int = field(default=0, metadata={
+        "help": "Evaluate the held-out loss every N steps during training (0: only before and after)."})
+    early_stopping_patience: int = field(default=0, metadata={
+        "help": "Stop after this many evaluations without a better held-out loss, keep the best (0: off; "
+                "needs --eval-steps)."})
+    early_stopping_threshold: float = field(default=0.0, metadata={
+        "help": "Smallest held-out loss decrease that counts as better for early stopping."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
     save_steps: int = field(default=0, metadata={"help": "Save a checkpoint every N steps (0: only the end)."})
     seed: int = field(default=42, metadata={"help": "Random seed."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an adapter already in --output."})
+    resume: str | None = field(default=None, metadata={
+        "help": "Continue a stopped run from a checkpoint folder, or 'auto' for the newest in OUTPUT/checkpoints."})
+    allow_pickle: bool = field(default=False, metadata={
+        "help": "Also read pickled .bin weights (they can run code when loaded; default: safetensors only)."})
 
     def __post_init__(self):
         if self.method not in BY_NAME:
@@ -87,6 +99,16 @@ class FinetuneConfig:
             raise QftError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}", "pass e.g. 0.05")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise QftError(f"--learning-rate must be positive, got {self.learning_rate}", "pass e.g. 2e-4")
+        from qft.optim import check_optimizer_name
+
+        check_optimizer_name(self.optim)
+        if self.optim != "auto" and self.method in ("mezo", "sparse-mezo"):
+            raise QftError(f"--optim {self.optim} does not apply to {self.method}, which steps with zeroth-order SGD",
+                           "leave --optim out for MeZO methods")
+        if self.eval_steps < 0 or self.early_stopping_patience < 0:
+            raise QftError("--eval-steps and --early-stopping-patience must be 0 or more", "pass e.g. 20 and 3")
+        if self.early_stopping_patience and not self.eval_steps:
+            raise QftError("--early-stopping-patience needs evaluations during training", "pass --eval-steps N too")
 
     @classmethod
     def from_dict(cls, values: dict) -> "FinetuneConfig":
@@ -121,6 +143,27 @@ def _split_eval(ds, seed: int):
     return parts["train"], parts["test"]
 
 
+def _eval_args(cfg: FinetuneConfig) -> dict:
+    """SFTConfig fields for evaluation during training and, with a patience, early stopping on eval_loss."""
+    if not cfg.eval_steps:
+        return {}
+    args = {"eval_strategy": "steps", "eval_steps": cfg.eval_steps}
+    if cfg.early_stopping_patience:
+        # transformers keeps the best checkpoint only if checkpoints are saved at evaluation steps
+        every = cfg.save_steps if cfg.save_steps and cfg.save_steps % cfg.eval_steps == 0 else cfg.eval_steps
+        args.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+                    save_strategy="steps", save_steps=every, save_total_limit=2)
+    return args
+
+
+def early_stopping_callbacks(cfg: FinetuneConfig) -> list:
+    from transformers import EarlyStoppingCallback
+
+    if not cfg.early_stopping_patience:
+        return []
+    return [EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold)]
+
+
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: bool = True,
              eval_task=None) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method`` and save the adapter in ``cfg.output``.
@@ -129,15 +172,18 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
     """
     from trl import SFTConfig, SFTTrainer
     from qft.callbacks import QftMetricsCallback, rich_progress_callback
-    from qft.data import default_task, load_records, to_sft
+    from qft.data import default_task, load_records, report_truncation, to_sft
     from qft.evaluate import label_word_accuracy
-    from qft.io import check_output_dir, publish_dir_atomic, staging_dir, write_json_atomic
+    from qft.io import check_output_dir, publishing, write_json_atomic
     from qft.methods import plan_for
+    from qft.optim import resolve_optimizer
     from qft.models import DEFAULT_MODEL_NAME, QUANT_FILE, load_tokenizer, resolve_model
+    from qft.robust import NanGuard, StopOnSignal, atomic_checkpoints, resolve_resume, train_guarded
 
     start = time.time()
     out = check_output_dir(cfg.output, cfg.overwrite)  # refuse before any slow work
-    model_id = resolve_model(cfg.model, log)
+    resume = resolve_resume(cfg.resume, out / "checkpoints", cfg.allow_pickle)
+    model_id = resolve_model(cfg.model, log, allow_pickle=cfg.allow_pickle)
     base_name = cfg.model or DEFAULT_MODEL_NAME
     tok = load_tokenizer(model_id)
 
@@ -147,7 +193,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
         task = task or default_eval
         eval_ds, max_steps = None, cfg.max_steps or 80
     else:
-        train_ds, _ = to_sft(load_records(cfg.data), tok)
+        train_ds, fmt = to_sft(load_records(cfg.data), tok)
+        report_truncation(train_ds, fmt, tok, cfg.max_length, log)
         train_ds, eval_ds = _split_eval(train_ds, cfg.seed)
         max_steps = cfg.max_steps or -1  # -1: one epoch (transformers' convention)
 
@@ -156,25 +203,34 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
     if plan.after_load is not None:
         plan.after_load(model)
     cuda = torch.cuda.is_available()
-    optim = cfg.optim if cfg.optim != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch")
+    learning_rate = cfg.learning_rate or plan.default_lr
+    optimizer = resolve_optimizer(cfg.optim, learning_rate)
+    if cfg.eval_steps and eval_ds is None:  # the default task: hold out some of its training prompts
+        train_ds, eval_ds = _split_eval(train_ds, cfg.seed)
+        if eval_ds is None:
+            raise QftError("--eval-steps needs held-out data, and the data has fewer than 20 examples",
+                           "pass more --data rows or leave --eval-steps out")
     sft_kwargs = dict(
         output_dir=str(out / "checkpoints"),
         max_steps=max_steps, num_train_epochs=1,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate or plan.default_lr,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=learning_rate,
         lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
         report_to="none", disable_tqdm=True, bf16=cuda, use_cpu=not cuda, max_length=cfg.max_length,
-        seed=cfg.seed, optim=optim, gradient_checkpointing=cfg.gradient_checkpointing,
+        seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
         dataloader_num_workers=0, dataset_num_proc=None,
     )
-    args = SFTConfig(**{**sft_kwargs, **plan.sft_overrides})
+    args = SFTConfig(**{**sft_kwargs, **optimizer.training_args, **_eval_args(cfg), **plan.sft_overrides})
     metrics = QftMetricsCallback()
-    callbacks = [metrics, *plan.callbacks] + ([rich_progress_callback()] if progress else [])
-    trainer_cls = plan.trainer_cls or SFTTrainer
+    stopper = StopOnSignal()  # SIGINT/SIGTERM: finish the step, save a checkpoint, stop
+    callbacks = [metrics, stopper, NanGuard(), *plan.callbacks] + ([rich_progress_callback()] if progress else [])
+    callbacks += early_stopping_callbacks(cfg)
+    trainer_cls = atomic_checkpoints(plan.trainer_cls or SFTTrainer)
     try:
         trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                              processing_class=tok, peft_config=plan.peft_config, callbacks=callbacks)
+                              processing_class=tok, peft_config=plan.peft_config, callbacks=callbacks,
+                              optimizer_cls_and_kwargs=optimizer.optimizer_cls_and_kwargs)
     except ValueError as exc:
         if "not found in the base model" in str(exc) or "Target modules" in str(exc):
             raise QftError(f"--target-modules {cfg.target_modules!r} match no layer of {base_name}",
@@ -190,23 +246,22 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
 
     metric_name, before = measure()
     log(f"{metric_name} before training: {before:.4f}")
-    train_out = trainer.train()
+    train_out = train_guarded(trainer, stopper, resume)
     _, after = measure()
     log(f"{metric_name} after training:  {after:.4f}")
 
-    staging = staging_dir(out)
-    trainer.model.save_pretrained(staging)
-    if plan.peft_config is None:  # a whole model: make the folder self-contained
-        tok.save_pretrained(staging)
-    if plan.describe_base is not None:
-        write_json_atomic(staging / QUANT_FILE, {"base_model": base_name, **plan.describe_base()})
     stats = {**metrics.summary, "train_loss": train_out.training_loss, "steps": trainer.state.global_step}
-    write_json_atomic(staging / "qft_run.json", {
-        "method": cfg.method, "base_model": base_name, "data": cfg.data or "qft default task",
-        metric_name + "_before": before, metric_name + "_after": after, "stats": stats,
-        "config": dataclasses.asdict(cfg),
-    })
-    publish_dir_atomic(staging, out)
+    with publishing(out, "adapter" if plan.peft_config is not None else "model") as staging:
+        trainer.model.save_pretrained(staging)
+        if plan.peft_config is None:  # a whole model: make the folder self-contained
+            tok.save_pretrained(staging)
+        if plan.describe_base is not None:
+            write_json_atomic(staging / QUANT_FILE, {"base_model": base_name, **plan.describe_base()})
+        write_json_atomic(staging / "qft_run.json", {
+            "method": cfg.method, "base_model": base_name, "data": cfg.data or "qft default task",
+            metric_name + "_before": before, metric_name + "_after": after, "stats": stats,
+            "config": dataclasses.asdict(cfg),
+        })
     if not cfg.save_steps:
         ckpt = out / "checkpoints"
         if ckpt.is_dir() and not any(ckpt.iterdir()):
