@@ -8,6 +8,7 @@ import sys
 import typer
 
 from qft.cli import bench, finetune, methods, quantize
+from qft.cli import eval as eval_cmd, export, merge, push
 
 app = typer.Typer(
     name="qft",
@@ -35,6 +36,10 @@ app.command("finetune", help=finetune.__doc__)(finetune.finetune_command)
 app.command("methods", help=methods.__doc__)(methods.methods_command)
 app.command("bench", help=bench.__doc__)(bench.bench_command)
 app.command("quantize", help=quantize.__doc__)(quantize.quantize_command)
+app.command("eval", help=eval_cmd.__doc__)(eval_cmd.eval_command)
+app.command("merge", help=merge.__doc__)(merge.merge_command)
+app.command("export", help=export.__doc__)(export.export_command)
+app.command("push", help=push.__doc__)(push.push_command)
 
 
 def main() -> None:
