@@ -49,6 +49,8 @@ def load_records(spec: str, split: str = "train"):
                 f"cannot read {spec}: qft reads one kind of .jsonl, .json, .csv or .parquet files",
                 "convert the data to JSON Lines (one object per line)",
             )
+        if all(_is_blank(p) for p in files):  # datasets fails on these with an unhelpful StopIteration
+            raise QftError(f"dataset {spec} is empty", "pass a dataset with at least one example")
         try:
             ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
         except Exception as exc:  # datasets raises many types for malformed files
@@ -64,6 +66,12 @@ def load_records(spec: str, split: str = "train"):
     if len(ds) == 0:
         raise QftError(f"dataset {spec} is empty", "pass a dataset with at least one example")
     return ds
+
+
+def _is_blank(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return not head.strip() and path.stat().st_size <= 4096
 
 
 def detect_format(columns) -> str:
@@ -108,6 +116,27 @@ def to_sft(ds, tokenizer=None):
     keep = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "messages": ["messages"]}[fmt]
     ds = ds.remove_columns([c for c in ds.column_names if c not in keep])
     return ds, fmt
+
+
+def token_lengths(ds, fmt: str, tokenizer) -> list[int]:
+    """Tokens per example as TRL will see them (prompt and completion together; chats through the template)."""
+    if fmt == "messages":
+        return [len(tokenizer.apply_chat_template(m, tokenize=True, return_dict=False)) for m in ds["messages"]]
+    texts = list(ds["text"]) if fmt == "text" else [p + c for p, c in zip(ds["prompt"], ds["completion"])]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+
+def report_truncation(ds, fmt: str, tokenizer, max_length: int, log=print) -> int:
+    """Say how many examples are longer than ``max_length``; TRL truncates them (qft's policy: truncate, say so).
+
+    Returns the number of examples that will be truncated.
+    """
+    lengths = token_lengths(ds, fmt, tokenizer)
+    over = sum(n > max_length for n in lengths)
+    if over:
+        log(f"note: {over} of {len(lengths)} examples are longer than --max-length {max_length} tokens "
+            f"(longest {max(lengths)}) and will be truncated to it; raise --max-length to keep them whole")
+    return over
 
 
 # ---------------------------------------------------------------------------------------------------------------

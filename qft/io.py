@@ -2,6 +2,7 @@
 
 A file is written under a temporary name in the same folder, flushed to disk, then renamed over its
 destination (``os.replace`` is atomic on POSIX), so a crash mid-save leaves the previous version intact.
+Also the checks on files qft reads: weights only as safetensors (no pickles unless allowed), headers intact.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from pathlib import Path
 from qft.errors import QftError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "model.safetensors")
+# Configs are renamed into place last: a crash mid-publish can leave weights without their config (which
+# nothing loads) but never a config that points at missing or older weights.
+PUBLISH_LAST = ("adapter_config.json", "config.json")
+PICKLE_WEIGHTS = ("adapter_model.bin", "pytorch_model*.bin", "model*.bin", "*.pt", "*.pth", "*.ckpt")
+# files a Trainer checkpoint keeps beside the weights (loaded by transformers with torch.load(weights_only=True))
+TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "training_args.bin")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -54,13 +61,37 @@ def publish_dir_atomic(staging: Path, dest: Path) -> None:
     ``staging`` must be on the same filesystem as ``dest`` (make it with :func:`staging_dir`).
     """
     dest.mkdir(parents=True, exist_ok=True)
-    for src in sorted(staging.rglob("*")):
-        if src.is_file():
-            target = dest / src.relative_to(staging)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, target)
+    files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.name in PUBLISH_LAST, str(p)))
+    for src in files:
+        target = dest / src.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, target)
     shutil.rmtree(staging, ignore_errors=True)
     _fsync_dir(dest)
+
+
+@contextlib.contextmanager
+def publishing(dest: Path, what: str = "adapter"):
+    """Yield a staging folder to write into, then publish it into ``dest`` file by file, atomically.
+
+    A failed write (disk full, permissions) removes the staging folder, leaves ``dest`` as it was and becomes
+    one QftError.
+    """
+    staging = None
+    try:
+        staging = staging_dir(dest)
+        yield staging
+        publish_dir_atomic(staging, dest)
+    except OSError as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
+        raise QftError(f"could not save the {what} to {dest} ({reason.lower()}); what was there before is unchanged",
+                       "free disk space or choose another --output, then run again") from exc
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def staging_dir(dest: Path) -> Path:
@@ -84,6 +115,40 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
             "pass --overwrite to replace it, or choose another --output",
         )
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise QftError(f"output folder {path} is not writable", "choose an --output folder you can write to")
+    if not parent.is_dir():
+        raise QftError(f"output folder {path} cannot be created: {parent} is a file", "choose another --output")
+    try:  # a real write, not os.access: root passes os.access on read-only mounts
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise QftError(f"output folder {path} is not writable ({os.strerror(exc.errno or 0).lower()})",
+                       "choose an --output folder you can write to") from exc
     return path
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise a one-line QftError unless ``path`` is a whole safetensors file (header parses, sizes add up)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # safetensors raises SafetensorError, OSError or ValueError by case
+        detail = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise QftError(f"{path} is damaged or not a safetensors file ({detail})",
+                       "save or copy it again; a partly written or truncated file is the usual cause") from exc
+
+
+def check_weight_files(folder: Path, allow_pickle: bool = False, what: str = "adapter") -> None:
+    """Check the weights in ``folder``: safetensors ones must be intact; pickled ones are refused unless allowed.
+
+    Pickle files can run arbitrary code when loaded, so qft reads weights only as safetensors.
+    """
+    folder = Path(folder)
+    safe = sorted(folder.glob("*.safetensors"))
+    for f in safe:
+        check_safetensors(f)
+    pickles = sorted({p for pat in PICKLE_WEIGHTS for p in folder.glob(pat)} - {folder / n for n in TRAINER_STATE_FILES})
+    if pickles and not safe and not allow_pickle:
+        raise QftError(f"the {what} in {folder} is a pickle file ({pickles[0].name}), which can run code when loaded",
+                       "convert it to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust its source")

@@ -86,8 +86,14 @@ def default_model_path(log=print) -> Path:
     return folder
 
 
-def resolve_model(spec: str | None, log=print) -> str:
-    """Turn --model into something ``from_pretrained`` takes, or a one-line error."""
+def resolve_model(spec: str | None, log=print, allow_pickle: bool = False) -> str:
+    """Turn --model into something ``from_pretrained`` takes, or a one-line error.
+
+    A local folder must hold a readable config.json and intact safetensors weights (pickled ``.bin`` weights
+    only with ``allow_pickle``).
+    """
+    from qft.io import check_weight_files
+
     if spec is None:
         return str(default_model_path(log))
     path = Path(spec).expanduser()
@@ -96,6 +102,14 @@ def resolve_model(spec: str | None, log=print) -> str:
             raise QftError(f"{spec} is a file, not a model folder", "pass the folder that holds config.json")
         if not (path / "config.json").exists():
             raise QftError(f"{spec} is not a model folder (no config.json)", "pass a Hugging Face model folder")
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise QftError(f"{path / 'config.json'} is not valid JSON", "re-save or re-download the model") from exc
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise QftError(f"{path / 'config.json'} has no model_type, so it is not a transformers model config",
+                           "pass a Hugging Face model folder (saved with save_pretrained)")
+        check_weight_files(path, allow_pickle, what="model weights")
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not _HUB_ID.match(spec):
         raise QftError(f"model path {spec} does not exist", "check the --model path or pass a Hub model id")
@@ -176,6 +190,36 @@ def load_base(model_id: str, quant: QuantSettings | None, dtype: torch.dtype | N
     return model
 
 
+
+
+def load_adapter(model, adapter_dir: str | os.PathLike, allow_pickle: bool = False, **kwargs):
+    """``PeftModel.from_pretrained`` with qft's checks: intact safetensors only, and a one-line error when the
+    adapter does not fit ``model`` (trained on another base)."""
+    from peft import PeftModel
+
+    from qft.io import check_weight_files
+
+    import qft  # noqa: F401  (registers qft's methods with peft)
+
+    path = Path(adapter_dir).expanduser()
+    if not (path / "adapter_config.json").exists():
+        raise QftError(f"{adapter_dir} holds no adapter (no adapter_config.json)",
+                       "pass the folder that `qft finetune` saved (its --output)")
+    check_weight_files(path, allow_pickle)
+    try:
+        return PeftModel.from_pretrained(model, str(path), **kwargs)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        if not _is_shape_mismatch(exc):
+            raise
+        trained_on = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+        raise QftError(f"the adapter in {adapter_dir} does not fit {base} (it was trained on {trained_on})",
+                       "load it onto the base model it was trained on") from exc
+
+
+def _is_shape_mismatch(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("size mismatch", "shape", "Error(s) in loading state_dict", "does not match"))
 
 
 def read_quant_record(folder: Path) -> dict | None:

@@ -3,33 +3,53 @@
 from __future__ import annotations
 
 import functools
+import signal
+import threading
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from qft.errors import QftError
+from qft.errors import QftError, QftInterrupted
 
 console = Console()
 err_console = Console(stderr=True)
 
 
-def fail(message: str, code: int = 2):
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+def fail(message: str, code: int = 2, label: str = "error"):
+    err_console.print(f"[bold red]{label}:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside training (where qft.robust.StopOnSignal handles it), turned into a clean exit."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def user_errors(fn):
-    """Run a command; a QftError (or Ctrl-C) ends it with one line and a non-zero exit, never a traceback."""
+    """Run a command; a QftError (or Ctrl-C, or SIGTERM) ends it with one line and a non-zero exit, never a
+    traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
         try:
             return fn(*args, **kwargs)
+        except QftInterrupted as exc:
+            fail(str(exc), code=exc.exit_code, label="interrupted")
         except QftError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
-            fail("interrupted; nothing already saved was changed", code=130)
+            fail("interrupted; nothing already saved was changed", code=130, label="interrupted")
+        except _Terminated:
+            fail("terminated; nothing already saved was changed", code=143, label="interrupted")
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
