@@ -1,9 +1,10 @@
 """QST on SmolLM2-135M-Instruct (4-bit NF4) with qft's default sentiment task, from Python with TRL.
 
-    python examples/qst/train_qst.py                          # r=16, LoRA downsample, 80 steps
+    python examples/qst/train_qst.py                          # r=8, LoRA downsample, 150 steps, lr 3e-3
     python examples/qst/train_qst.py --downsample pool --steps 40
 
-The same run from the command line: qft finetune --method qst --side-reduction 16 --downsample lora
+The same from the command line:
+    qft finetune --method qst --side-reduction 8 --downsample lora --learning-rate 3e-3 --max-steps 150
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from peft import get_peft_model
 from trl import SFTConfig, SFTTrainer
 
 import qft
-from qft.adapters.qst import DOWNSAMPLE_KINDS, QstConfig
+from qft.adapters.qst import DOWNSAMPLE_KINDS, QstConfig, QstFloat32Callback
 from qft.data import default_task
 from qft.evaluate import label_word_accuracy
 from qft.models import QuantSettings, default_model_path, load_base, load_tokenizer
@@ -24,9 +25,9 @@ from qft.models import QuantSettings, default_model_path, load_base, load_tokeni
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--r", type=int, default=16, help="side reduction: side width = hidden / r")
+    ap.add_argument("--r", type=int, default=8, help="side reduction: side width = hidden / r")
     ap.add_argument("--downsample", default="lora", choices=DOWNSAMPLE_KINDS)
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--output", default="qst-out")
     a = ap.parse_args()
@@ -37,7 +38,8 @@ def main():
     model = get_peft_model(model, QstConfig(r=a.r, downsample=a.downsample))
     model.print_trainable_parameters()
     train, task = default_task(seed=0)
-    trainer = SFTTrainer(model=model, train_dataset=train, processing_class=tok, callbacks=[qft.QftMetricsCallback()],
+    trainer = SFTTrainer(model=model, train_dataset=train, processing_class=tok,
+                         callbacks=[qft.QftMetricsCallback(), QstFloat32Callback()],  # side network in float32
                          args=SFTConfig(output_dir=a.output, max_steps=a.steps, per_device_train_batch_size=8,
                                         learning_rate=a.lr, lr_scheduler_type="cosine", logging_steps=10,
                                         report_to="none", save_strategy="no", use_cpu=True))

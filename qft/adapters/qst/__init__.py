@@ -6,9 +6,14 @@ that goes into the LLM's LM head. Memory for weights (4-bit), optimizer states (
 and activations (no backward through the LLM) all shrink.
 
     model = get_peft_model(model, QstConfig(r=16, downsample="lora"))
+
+With TRL, pass ``callbacks=[QstFloat32Callback()]``: SFTTrainer casts a quantized model's trainable
+parameters to bf16 (its QLoRA policy); the callback casts the side network back to float32 before training.
 """
 
 from __future__ import annotations
+
+from transformers import TrainerCallback
 
 from qft.adapters import MethodPlan
 from qft.adapters.qst.config import DOWNSAMPLE_KINDS, QstConfig
@@ -16,9 +21,19 @@ from qft.adapters.qst.layer import QstLayer, SideNetwork
 from qft.adapters.qst.model import SUPPORTED_MODEL_TYPES, QstModel
 from qft.registry import register_method
 
-__all__ = ["QstConfig", "QstModel", "QstLayer", "SideNetwork", "SUPPORTED_MODEL_TYPES", "DOWNSAMPLE_KINDS", "plan"]
+__all__ = ["QstConfig", "QstModel", "QstLayer", "SideNetwork", "QstFloat32Callback", "SUPPORTED_MODEL_TYPES",
+           "DOWNSAMPLE_KINDS", "plan"]
 
 register_method(name="qst", config_cls=QstConfig, model_cls=QstModel, prefix="qst_")
+
+
+class QstFloat32Callback(TrainerCallback):
+    """Keep the side network in float32 (the optimizer's state is created at the first step, after this)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for module in model.modules():
+            if isinstance(module, QstLayer):
+                module.qst_net.float()
 
 
 def plan(cfg) -> MethodPlan:
@@ -30,4 +45,5 @@ def plan(cfg) -> MethodPlan:
         load_base=lambda model_id: load_base(model_id, quant),
         peft_config=QstConfig(r=cfg.side_reduction, downsample=cfg.downsample),
         describe_base=quant.to_dict,
+        callbacks=[QstFloat32Callback()],
     )

@@ -4,12 +4,14 @@ Per backbone layer i (hidden states h_0 = embeddings, h_1 .. h_L = layer outputs
 
     s_0 = down_0(h_0)
     s_i = block_i((1 - sigmoid(g_i)) * down_i(h_i) + sigmoid(g_i) * s_{i-1})        i = 1..L
-    out = alpha * h_L + (1 - alpha) * up(norm(s_L))                                  alpha starts at 1
+    out = (1 - beta) * h_L + beta * up(norm(s_L))                                    beta starts at 0
 
 h_L is the decoder's ``last_hidden_state`` (after its final norm, as transformers 5 reports it); ``out``
-replaces it, so it goes into the LLM's frozen LM head. The side width is hidden / r. ``alpha`` starts at 1,
-as in the paper, so at initialisation the model's output is exactly the LLM's (the reference code instead
-starts a per-dimension sigmoid gate at sigmoid(1) = 0.73, which does not reproduce the LLM at step 0).
+replaces it, so it goes into the LLM's frozen LM head. The side width is hidden / r. The paper's output gate
+alpha = 1 - beta starts at 1, so at initialisation the model's output is exactly the LLM's (the reference
+code instead starts a per-dimension sigmoid gate at sigmoid(1) = 0.73, which does not reproduce the LLM at
+step 0). It is stored as beta, starting at 0, because TRL casts a quantized model's trainable parameters to
+bf16, whose spacing near 1 (2^-8) would swallow updates to alpha smaller than about 2e-3.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class SideNetwork(nn.Module):
         self.blocks = nn.ModuleList(SideBlock(width, heads, cfg.mlp_ratio, cfg.dropout) for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)
         self.up = nn.Linear(width, out_dim)
-        self.alpha = nn.Parameter(torch.ones(()))  # output mix; 1 = the LLM alone (the paper's init)
+        self.beta = nn.Parameter(torch.zeros(()))  # output mix, 1 - the paper's alpha; 0 = the LLM alone
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, hidden_states, final: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -116,8 +118,9 @@ class SideNetwork(nn.Module):
         for i, block in enumerate(self.blocks):
             down = self.drop(self.down[i + 1](hidden_states[i + 1].to(device, dtype)))
             side = block((1 - gates[i]) * down + gates[i] * side, mask)
-        mixed = self.alpha * final.to(device, dtype) + (1 - self.alpha) * self.up(self.norm(side))
-        return mixed.to(final.device, final.dtype)
+        up = self.up(self.norm(side)).to(final.device, final.dtype)
+        # (1 - beta) * h_L + beta * up, in h_L's precision: exactly h_L while beta is 0, even for a bf16 side network
+        return final + self.beta.to(final.dtype) * (up - final)
 
 
 class QstLayer(nn.Module, BaseTunerLayer):
