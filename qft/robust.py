@@ -14,6 +14,7 @@ same data order and optimizer state for the first-order methods.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -124,18 +125,30 @@ class NanGuard(TrainerCallback):
 
 
 def atomic_checkpoints(trainer_cls):
-    """``trainer_cls`` whose checkpoints appear whole or not at all.
+    """``trainer_cls`` whose checkpoints appear whole or not at all, and resume into the same dtypes.
 
     Each ``checkpoint-N`` is written into a hidden staging folder beside it and renamed into place, so a
     crash mid-save leaves the earlier checkpoints (and ``get_last_checkpoint``) pointing at complete ones.
     """
+    if isinstance(trainer_cls, functools.partial):  # a plan may bind constructor arguments (the ZO trainers do)
+        return functools.partial(atomic_checkpoints(trainer_cls.func), *trainer_cls.args, **trainer_cls.keywords)
     if getattr(trainer_cls, "_qft_atomic_checkpoints", False):
         return trainer_cls
-    return type(trainer_cls.__name__, (_AtomicCheckpointMixin, trainer_cls), {"_qft_atomic_checkpoints": True})
+    return type(trainer_cls.__name__, (_CheckpointMixin, trainer_cls), {"_qft_atomic_checkpoints": True})
 
 
-class _AtomicCheckpointMixin:
+class _CheckpointMixin:
     _qft_staging: Path | None = None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # peft's load_adapter upcasts the loaded adapter to float32, but TRL trains QLoRA adapters in bf16: keep
+        # the dtypes the run had, or the resumed run would not be the same run.
+        target = model if model is not None else self.model
+        dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for n, p in target.named_parameters():
+            if n in dtypes and p.dtype != dtypes[n]:
+                p.data = p.data.to(dtypes[n])
 
     def _get_output_dir(self, trial):
         if self._qft_staging is not None:  # the Trainer joins checkpoint-N to this

@@ -68,6 +68,8 @@ def finetune_command(
     save_steps: Optional[int] = typer.Option(None, "--save-steps", help=H("save_steps")),
     seed: Optional[int] = typer.Option(None, "--seed", help=H("seed")),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help=H("overwrite")),
+    resume: Optional[str] = typer.Option(None, "--resume", help=H("resume")),
+    allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle", help=H("allow_pickle")),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit."),
 ) -> None:
     flags = {k: v for k, v in locals().items() if k in _FIELDS and v is not None}
