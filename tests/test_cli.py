@@ -98,3 +98,12 @@ def test_existing_adapter_is_never_overwritten(tiny_model_dir, jsonl, tmp_path):
     res = run(*args, "--overwrite", "--seed", 7)
     assert res.exit_code == 0, res.output
     assert (out / "adapter_model.safetensors").read_bytes() != before
+
+
+def test_yaml_value_of_the_wrong_type(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lora_r: abc\n")
+    _assert_one_line_error(run("finetune", "--config", cfg), "lora_r", "must be an int")
+    cfg.write_text("density: 0.05\nlearning_rate: 1\n")  # numbers where strings/floats are expected are fine
+    res = run("finetune", "--config", cfg, "--print-config")
+    assert res.exit_code == 0 and "density: '0.05'" in res.output and "learning_rate: 1" in res.output

@@ -25,13 +25,18 @@ SUITES = {
         "stock-trl": "TRL docs: bnb NF4 model + SFTTrainer(peft_config=LoraConfig)",
         "qft": "qft finetune --method qlora: bnb NF4 + lean RMSNorm/SwiGLU + SFTTrainer(peft_config)",
     },
+    "peqa": {
+        "stock-peft": "peft docs QLoRA: bnb NF4 + prepare_model_for_kbit_training + get_peft_model, TRL SFTTrainer",
+        "stock-trl": "TRL docs QLoRA: bnb NF4 model + SFTTrainer(peft_config=LoraConfig)",
+        "qft-peqa": "qft PEQA: 4-bit integers in groups of 128, only the scales train, SFTTrainer(peft_config)",
+    },
     "mezo": {
         "inference": "two bf16 forward passes (the floor a ZO step is measured against)",
         "mezo-plain": "MeZO's reference loop: in-place per-tensor +eps, fwd, -2eps, fwd, +eps, update",
         "qft-mezo": "qft: perturbation inside each module's forward, bucketed _foreach update",
     },
 }
-WORKERS = {"qlora": "qft.bench.worker", "mezo": "qft.bench.zo_worker"}
+WORKERS = {"qlora": "qft.bench.worker", "peqa": "qft.bench.worker", "mezo": "qft.bench.zo_worker"}
 
 
 def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmup: int, rank: int,
@@ -51,7 +56,7 @@ def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmu
             result_file = f.name
         cmd = [sys.executable, "-m", WORKERS[suite], "--path", path, "--model", str(ckpt), "--batch", str(batch),
                "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--result", result_file]
-        if suite == "qlora":
+        if suite in ("qlora", "peqa"):
             cmd += ["--suite", suite, "--rank", str(rank), "--optim", optim]
             if gradient_checkpointing:
                 cmd.append("--gradient-checkpointing")

@@ -32,6 +32,22 @@ class _StepTimer(TrainerCallback):
             self.losses.append(logs["loss"])
 
 
+def model_bytes(model) -> int:
+    """Bytes the model's weights occupy: parameters and buffers, plus bitsandbytes' 4-bit quantization state."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+            if getattr(state, "state2", None) is not None:
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size() + 16 * 4
+    return total
+
+
 def _random_tokens(n: int, seq: int, vocab: int):
     import datasets
 
@@ -47,6 +63,7 @@ def main() -> None:
     for name in ("batch", "seq", "steps", "warmup", "rank"):
         ap.add_argument(f"--{name}", type=int, required=True)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--bits", type=int, default=4)
     a = ap.parse_args()
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -72,6 +89,11 @@ def main() -> None:
             a.model, quantization_config=quant.bnb_config(), dtype=quant.resolved_compute_dtype(),
             device_map={"": 0} if cuda else None)
         peft_config = lora
+    elif a.path == "qft-peqa":
+        from qft.adapters.peqa import PeqaConfig
+
+        model = load_base(a.model, None, dtype=torch.bfloat16 if cuda else torch.float32)
+        peft_config = PeqaConfig(bits=a.bits, group_size=128, task_type="CAUSAL_LM")
     elif a.path == "qft":
         model = load_base(a.model, quant)
         if not a.gradient_checkpointing:  # the same rule as qft finetune (see qft/adapters/qlora)
@@ -103,6 +125,7 @@ def main() -> None:
 
     trainable, total = count_parameters(trainer.model)
     result = {
+        "model_bytes": model_bytes(trainer.model),
         "peak_gib": round(peak_memory_gib(), 3),
         "tokens_per_s": round(a.batch * a.seq * a.steps / elapsed, 1),
         "step_ms": round(1000 * elapsed / a.steps, 1),

@@ -35,7 +35,13 @@ class Density:
             if self.value > sum(sizes):
                 raise QftError(f"density {int(self.value)} asks for more entries than the adapted weights hold "
                                f"({sum(sizes)})", "pass a smaller count or a fraction such as 0.01")
+            if self.value < len(sizes):
+                raise QftError(f"density {int(self.value)} is fewer entries than there are adapted weights "
+                               f"({len(sizes)}), so some would get none", _FIX)
             ks = allocate(int(self.value), sizes)
+            if min(ks) == 0:
+                raise QftError(f"density {int(self.value)} leaves some adapted weights with no entry",
+                               "pass a larger count or a fraction such as 0.01")
         for k, n, shape in zip(ks, sizes, shapes):
             if k > n:
                 raise QftError(f"density {self} gives a {shape[0]}x{shape[1]} weight {k} entries, more than it has",
