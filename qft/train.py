@@ -112,29 +112,9 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "FinetuneConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                raise QftError(f"unknown config key {key!r}",
-                               f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(names))}")
-        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-        return cls(**{key: _coerce(key, value, types[key]) for key, value in values.items()})
+        from qft.config import config_from_dict
 
-
-def _coerce(key: str, value, annotation: str):
-    """Check a config value (from YAML or Python) against its field's type; a one-line error if it does not fit."""
-    if value is None and "None" in annotation:
-        return None
-    base = annotation.replace(" | None", "").strip()
-    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          "bool": lambda v: isinstance(v, bool),
-          "str": lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool)}.get(base)
-    if ok is None or ok(value):
-        return str(value) if base == "str" and not isinstance(value, str) else value
-    raise QftError(f"config key {key!r} must be {'an' if base == 'int' else 'a'} {base}, got {value!r}",
-                   f"give {key} a {base} value")
+        return config_from_dict(cls, values)
 
 
 @dataclass

@@ -25,11 +25,10 @@ from qft.evaluate import EvalConfig
 
 def resolve_config(cls, config: Path | None, flags: dict):
     """``cls`` from a YAML file overridden by the flags given; an unknown key names the closest option."""
-    from qft.train import FinetuneConfig
+    from qft.config import config_from_dict
 
     given = {k: v for k, v in flags.items() if v is not None and k in {f.name for f in dataclasses.fields(cls)}}
-    # FinetuneConfig.from_dict checks keys against the fields of whatever class it is bound to
-    return FinetuneConfig.from_dict.__func__(cls, {**load_yaml(config), **given})
+    return config_from_dict(cls, {**load_yaml(config), **given})
 
 
 def help_of(cls):
