@@ -30,13 +30,25 @@ SUITES = {
         "stock-trl": "TRL docs QLoRA: bnb NF4 model + SFTTrainer(peft_config=LoraConfig)",
         "qft-peqa": "qft PEQA: 4-bit integers in groups of 128, only the scales train, SFTTrainer(peft_config)",
     },
+    "optim": {
+        "state": "optimizer-state bytes after one full-parameter step, for each --optim name",
+    },
     "mezo": {
         "inference": "two bf16 forward passes (the floor a ZO step is measured against)",
         "mezo-plain": "MeZO's reference loop: in-place per-tensor +eps, fwd, -2eps, fwd, +eps, update",
         "qft-mezo": "qft: perturbation inside each module's forward, bucketed _foreach update",
     },
 }
-WORKERS = {"qlora": "qft.bench.worker", "peqa": "qft.bench.worker", "mezo": "qft.bench.zo_worker"}
+WORKERS = {"qlora": "qft.bench.worker", "peqa": "qft.bench.worker", "mezo": "qft.bench.zo_worker",
+           "optim": "qft.bench.optim_worker"}
+OPTIMIZERS = ("adamw_torch,adamw_8bit,paged_adamw_8bit,lion_32bit,lion_8bit,galore_adamw,apollo_adamw,apollo_mini,"
+              "spam,stable_spam,adafactor")
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmup: int, rank: int,
@@ -56,6 +68,10 @@ def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmu
             result_file = f.name
         cmd = [sys.executable, "-m", WORKERS[suite], "--path", path, "--model", str(ckpt), "--batch", str(batch),
                "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--result", result_file]
+        if suite == "optim":
+            optimizers = OPTIMIZERS if torch_cuda() else OPTIMIZERS.replace("paged_adamw_8bit,", "")
+            cmd = [sys.executable, "-m", WORKERS[suite], "--model", str(ckpt), "--batch", str(batch),
+                   "--seq", str(seq), "--optimizers", optimizers, "--result", result_file]
         if suite in ("qlora", "peqa"):
             cmd += ["--suite", suite, "--rank", str(rank), "--optim", optim]
             if gradient_checkpointing:
@@ -69,11 +85,12 @@ def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmu
             continue
         rows[path] = json.loads(Path(result_file).read_text())
         os.unlink(result_file)
-        log(f"  peak {rows[path]['peak_gib']:.2f} GiB, {rows[path]['tokens_per_s']:.0f} tokens/s "
-            f"({time.time() - t0:.0f} s)")
+        if "peak_gib" in rows[path]:
+            log(f"  peak {rows[path]['peak_gib']:.2f} GiB, {rows[path]['tokens_per_s']:.0f} tokens/s "
+                f"({time.time() - t0:.0f} s)")
     ratios = {}
-    ours = [p for p in SUITES[suite] if p.startswith("qft")][0]
-    for base in (p for p in SUITES[suite] if p != ours):
+    ours = next((p for p in SUITES[suite] if p.startswith("qft")), None)
+    for base in (p for p in SUITES[suite] if ours is not None and p != ours):
         b, q = rows.get(base, {}), rows.get(ours, {})
         if "peak_gib" in b and "peak_gib" in q:
             ratios[f"{ours}/{base}"] = {

@@ -11,6 +11,11 @@ def render(result: dict, console) -> None:
     for col in ("path", "peak GiB", "tokens/s", "note"):
         table.add_column(col)
     for path, row in result["results"].items():
+        if "optimizers" in row:  # the optimizer-state suite: one row per optimizer
+            for name, r in row["optimizers"].items():
+                table.add_row(name, f"{r.get('step_peak_gib', float('nan')):.2f}", "-",
+                              r.get("error") or f"state {r['state_gib']:.3f} GiB, {r['bytes_per_param']:.2f} B/param")
+            continue
         if "error" in row:
             table.add_row(path, "-", "-", "[red]failed[/]")
         else:
