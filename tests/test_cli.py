@@ -107,3 +107,21 @@ def test_yaml_value_of_the_wrong_type(tmp_path):
     cfg.write_text("density: 0.05\nlearning_rate: 1\n")  # numbers where strings/floats are expected are fine
     res = run("finetune", "--config", cfg, "--print-config")
     assert res.exit_code == 0 and "density: '0.05'" in res.output and "learning_rate: 1" in res.output
+
+
+def test_config_for_bench_and_quantize(tiny_model_dir, tmp_path):
+    cfg = tmp_path / "q.yaml"
+    cfg.write_text("bits: 3\ngroup_size: 64\n")
+    out = tmp_path / "q3"
+    res = run("quantize", tiny_model_dir, out, "--config", cfg)
+    assert res.exit_code == 0, res.output
+    import json
+
+    assert json.loads((out / "qft_quantization.json").read_text())["bits"] == 3
+    res = run("quantize", tiny_model_dir, tmp_path / "q4", "--config", cfg, "--bits", "4")  # the flag wins
+    assert res.exit_code == 0 and json.loads((tmp_path / "q4" / "qft_quantization.json").read_text())["bits"] == 4
+    cfg.write_text("bitz: 3\n")
+    _assert_one_line_error(run("quantize", tiny_model_dir, tmp_path / "q5", "--config", cfg), "bitz", "'bits'")
+    bad = tmp_path / "b.yaml"
+    bad.write_text("shapes: tiny\n")
+    _assert_one_line_error(run("bench", "qlora", "--config", bad), "shapes", "'shape'")

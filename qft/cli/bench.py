@@ -10,11 +10,12 @@ from typing import Optional
 
 import typer
 
-from qft.cli.common import console, user_errors
+from qft.cli.common import console, user_errors, with_yaml_defaults
 
 
 @user_errors
 def bench_command(
+    ctx: typer.Context,
     suite: str = typer.Argument("qlora", help="What to benchmark: qlora (vs stock peft/TRL) or mezo (vs inference and MeZO's loop)."),
     shape: str = typer.Option("tinyllama-1.1b", "--shape", help="Model shape: llama3-8b, tinyllama-1.1b or tiny."),
     batch: int = typer.Option(4, "--batch", help="Sequences per step."),
@@ -24,12 +25,14 @@ def bench_command(
     rank: int = typer.Option(16, "--lora-r", help="LoRA rank."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Checkpoint on both paths."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON results here."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of these options; flags override it."),
 ) -> None:
     from qft.bench import run_suite
 
-    result = run_suite(suite, shape=shape, batch=batch, seq=seq, steps=steps, warmup=warmup, rank=rank,
-                       gradient_checkpointing=gradient_checkpointing, out=out,
-                       log=lambda m: console.print(m, highlight=False))
+    o = with_yaml_defaults(ctx, config, locals())
+    result = run_suite(o["suite"], shape=o["shape"], batch=o["batch"], seq=o["seq"], steps=o["steps"],
+                       warmup=o["warmup"], rank=o["rank"], gradient_checkpointing=o["gradient_checkpointing"],
+                       out=Path(o["out"]) if o["out"] else None, log=lambda m: console.print(m, highlight=False))
     from qft.bench.report import render
 
     render(result, console)

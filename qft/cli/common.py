@@ -70,3 +70,26 @@ def load_yaml(path: Path | None) -> dict:
     if not isinstance(values, dict):
         raise QftError(f"config file {path} must be a mapping of option: value", "write one `key: value` per line")
     return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def with_yaml_defaults(ctx, config: Path | None, values: dict) -> dict:
+    """Options of a command from ``--config FILE.yaml``, overridden by flags the user actually typed.
+
+    ``ctx`` is the typer/click context: it tells which values came from the command line and which are
+    defaults, so a YAML value replaces only a default. Unknown YAML keys name the closest option.
+    """
+    import difflib
+
+    given = load_yaml(config)
+    names = set(values) - {"config", "ctx"}
+    for key in given:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            raise QftError(f"unknown config key {key!r}",
+                           f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(names))}")
+    out = {k: v for k, v in values.items() if k in names}
+    for key, value in given.items():
+        source = ctx.get_parameter_source(key)  # by name: typer may ship its own copy of click's enum
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            out[key] = value
+    return out

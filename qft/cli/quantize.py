@@ -10,13 +10,17 @@ Examples:
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from qft.cli.common import console, user_errors
+from qft.cli.common import console, user_errors, with_yaml_defaults
 
 
 @user_errors
 def quantize_command(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Local model folder or Hub id of a float causal LM."),
     output: str = typer.Argument(..., help="Folder that receives the quantized model."),
     bits: int = typer.Option(4, "--bits", help="Integer bits per weight: 2, 3 or 4."),
@@ -26,7 +30,11 @@ def quantize_command(
     dtype: str = typer.Option("auto", "--dtype", help="Float dtype of the rest of the model: auto, float32, "
                                                        "bfloat16 or float16 (auto: the checkpoint's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a quantized model already in OUTPUT."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of these options; flags override it."),
 ) -> None:
+    opts = with_yaml_defaults(ctx, config, locals())
+    bits, group_size, target_modules, dtype, overwrite = (opts[k] for k in
+                                                          ("bits", "group_size", "target_modules", "dtype", "overwrite"))
     from qft.adapters.qlora import lora_targets
     from qft.adapters.peqa.storage import folder_size, quantize_to_folder
 
