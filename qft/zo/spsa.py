@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from qft.zo import triton_ops
+
 MaskFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 _MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio (Knuth's multiplicative hashing constant)
 
@@ -55,13 +57,19 @@ def direction_piece(p: torch.Tensor, step_seed: int, index: int, piece: int, sta
 
 def direction(p: torch.Tensor, step_seed: int, index: int, mask_fn: MaskFn | None = None) -> torch.Tensor:
     """The whole z of tensor ``index`` (for references and tests; the training path works piece by piece)."""
+    if triton_ops.usable(p, mask_fn):
+        return triton_ops.direction(p, tensor_seed(step_seed, index)).to(p.dtype)
     parts = [direction_piece(p, step_seed, index, k, a, b, mask_fn) for k, a, b in _pieces(p.numel())]
     return torch.cat(parts).view(p.shape) if parts else torch.empty_like(p)
 
 
 def perturbed_copy(p: torch.Tensor, step_seed: int, index: int, scale: float,
                    mask_fn: MaskFn | None = None) -> torch.Tensor:
-    """θ + scale·z as a new tensor, built piece by piece (one copy of θ plus one piece of z)."""
+    """θ + scale·z as a new tensor, built piece by piece (one copy of θ plus one piece of z).
+
+    On CUDA the fused Triton kernel does it in one pass (:mod:`qft.zo.triton_ops`)."""
+    if triton_ops.usable(p, mask_fn):
+        return triton_ops.perturbed_copy(p, tensor_seed(step_seed, index), scale)
     out = p.detach().clone()
     flat = out.view(-1)
     for k, a, b in _pieces(p.numel()):
@@ -162,11 +170,25 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
     so the extra memory is one bucket, never a copy of the parameters.
     """
     with torch.no_grad():
+        fused = {i for i, p in enumerate(params) if triton_ops.usable(p, mask_fn)}
+        for i in sorted(fused):  # one fused read-modify-write per direction; the first folds in the decay
+            keep = 1.0 - lr * weight_decay if weight_decay and decay_mask is not None and decay_mask[i] else 1.0
+            for j, (seed, g) in enumerate(seeds_and_grads):
+                triton_ops.axpby_(params[i], tensor_seed(seed, i), -lr * g, keep if j == 0 else 1.0)
+        rest = [i for i in range(len(params)) if i not in fused]
+        _torch_update(params, rest, seeds_and_grads, lr, weight_decay, decay_mask, mask_fn, bucket_bytes)
+
+
+def _torch_update(params, which, seeds_and_grads, lr, weight_decay, decay_mask, mask_fn, bucket_bytes) -> None:
+    """The torch path of :func:`apply_update_` for the tensors ``which`` (by index into ``params``)."""
+    with torch.no_grad():
         if weight_decay and decay_mask is not None:
-            decayed = [p for p, d in zip(params, decay_mask) if d]
+            decayed = [params[i] for i in which if decay_mask[i]]
             if decayed:
                 torch._foreach_mul_(decayed, 1.0 - lr * weight_decay)
-        for bucket in _bucketed_pieces(params, bucket_bytes):
+        sub = [params[i] for i in which]
+        for bucket in _bucketed_pieces(sub, bucket_bytes):
+            bucket = [(which[i], k, a, b) for i, k, a, b in bucket]
             views = [params[i].view(-1)[a:b] for i, _, a, b in bucket]
             for seed, g in seeds_and_grads:
                 zs = [direction_piece(params[i], seed, i, k, a, b, mask_fn) for i, k, a, b in bucket]
