@@ -54,11 +54,15 @@ def qst_decoder_forward(decoder, layer: QstLayer, *args, **kwargs):
     if len(active) > 1:
         raise QftError(f"QST runs one side network at a time, {len(active)} adapters are active",
                        "activate one with model.set_adapter(name)")
-    if kwargs.get("past_key_values") is not None:  # generate(use_cache=True) would next pass one token only
+    # generate(use_cache=True) would next pass one token only (transformers < 5.24 names the cache
+    # `past_key_values`, 5.24 `cache`)
+    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
         raise QftError("QST recomputes the whole sequence and cannot continue from a KV cache",
                        "call generate(..., use_cache=False), the default once QST is applied")
     wants_hidden = kwargs.pop("output_hidden_states", None)
-    kwargs.update(use_cache=False, past_key_values=None, output_hidden_states=True, return_dict=True)
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("cache", None)
+    kwargs.update(use_cache=False, output_hidden_states=True, return_dict=True)
     with torch.no_grad():
         out = class_forward(decoder, *args, **kwargs)
     mask = kwargs.get("attention_mask")
