@@ -172,7 +172,9 @@ def load_base(model_id: str, quant: QuantSettings | None, dtype: torch.dtype | N
     if quant is not None:
         kwargs["quantization_config"] = quant.bnb_config()
     if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        from qft.distributed import local_cuda_device
+
+        kwargs["device_map"] = {"": local_cuda_device()}  # under a launcher: this rank's own GPU (LOCAL_RANK)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
     except OSError as exc:

@@ -80,6 +80,9 @@ class FinetuneConfig:
         "help": "Continue a stopped run from a checkpoint folder, or 'auto' for the newest in OUTPUT/checkpoints."})
     allow_pickle: bool = field(default=False, metadata={
         "help": "Also read pickled .bin weights (they can run code when loaded; default: safetensors only)."})
+    num_gpus: int = field(default=1, metadata={
+        "help": "Data-parallel processes, one per GPU, started through `accelerate launch` (global batch = N x "
+                "batch size x grad accum; on a machine without GPUs: N CPU processes over gloo). 1: this process."})
 
     def __post_init__(self):
         if self.method not in BY_NAME:
@@ -109,6 +112,8 @@ class FinetuneConfig:
             raise QftError("--eval-steps and --early-stopping-patience must be 0 or more", "pass e.g. 20 and 3")
         if self.early_stopping_patience and not self.eval_steps:
             raise QftError("--early-stopping-patience needs evaluations during training", "pass --eval-steps N too")
+        if self.num_gpus < 1:
+            raise QftError(f"--num-gpus must be 1 or more, got {self.num_gpus}", "pass --num-gpus 2 for two GPUs")
 
     @classmethod
     def from_dict(cls, values: dict) -> "FinetuneConfig":
@@ -165,7 +170,15 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
     """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method`` and save the adapter in ``cfg.output``.
 
     ``eval_task`` (a :class:`qft.data.LabelWordTask`) replaces the held-out loss by label-word accuracy.
+    ``cfg.num_gpus > 1`` runs it in that many processes through ``accelerate launch`` (:mod:`qft.distributed`);
+    under a launcher every rank trains, and rank 0 alone logs and saves.
     """
+    from qft import distributed
+
+    if cfg.num_gpus > 1 and not distributed.launched():
+        return distributed.finetune_launched(cfg, log)
+    log = distributed.main_process_log(log)
+    progress = progress and distributed.is_main_process()
     from trl import SFTConfig, SFTTrainer
     from qft.callbacks import QftMetricsCallback, rich_progress_callback
     from qft.data import default_task, load_records, report_truncation, to_sft
@@ -179,7 +192,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
     start = time.time()
     out = check_output_dir(cfg.output, cfg.overwrite)  # refuse before any slow work
     resume = resolve_resume(cfg.resume, out / "checkpoints", cfg.allow_pickle)
-    model_id = resolve_model(cfg.model, log, allow_pickle=cfg.allow_pickle)
+    with distributed.main_process_first():  # rank 0 converts and caches the default model once
+        model_id = resolve_model(cfg.model, log, allow_pickle=cfg.allow_pickle)
     base_name = cfg.model or DEFAULT_MODEL_NAME
     tok = load_tokenizer(model_id)
 
@@ -242,26 +256,33 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
 
     metric_name, before = measure()
     log(f"{metric_name} before training: {before:.4f}")
+    if getattr(trainer.model, "_is_accelerate_prepared", False):
+        # accelerate (1.15) flags a model prepared for evaluation as prepared, and its training prepare then
+        # skips the DDP wrapper: every rank would train alone, unsynchronised. Let training wrap it.
+        del trainer.model._is_accelerate_prepared
     train_out = train_guarded(trainer, stopper, resume)
     _, after = measure()
     log(f"{metric_name} after training:  {after:.4f}")
 
     stats = {**metrics.summary, "train_loss": train_out.training_loss, "steps": trainer.state.global_step}
-    with publishing(out, "adapter" if plan.peft_config is not None else "model") as staging:
-        trainer.model.save_pretrained(staging)
-        if plan.peft_config is None:  # a whole model: make the folder self-contained
-            tok.save_pretrained(staging)
-        if plan.describe_base is not None:
-            write_json_atomic(staging / QUANT_FILE, {"base_model": base_name, **plan.describe_base()})
-        write_json_atomic(staging / "qft_run.json", {
-            "method": cfg.method, "base_model": base_name, "data": cfg.data or "qft default task",
-            metric_name + "_before": before, metric_name + "_after": after, "stats": stats,
-            "config": dataclasses.asdict(cfg),
-        })
-    if not cfg.save_steps:
-        ckpt = out / "checkpoints"
-        if ckpt.is_dir() and not any(ckpt.iterdir()):
-            ckpt.rmdir()
+    stats["world_size"] = distributed.world_size()  # data-parallel processes that trained
+    if distributed.is_main_process():  # one writer; the other ranks hold the same weights
+        with publishing(out, "adapter" if plan.peft_config is not None else "model") as staging:
+            trainer.model.save_pretrained(staging)
+            if plan.peft_config is None:  # a whole model: make the folder self-contained
+                tok.save_pretrained(staging)
+            if plan.describe_base is not None:
+                write_json_atomic(staging / QUANT_FILE, {"base_model": base_name, **plan.describe_base()})
+            write_json_atomic(staging / "qft_run.json", {
+                "method": cfg.method, "base_model": base_name, "data": cfg.data or "qft default task",
+                metric_name + "_before": before, metric_name + "_after": after, "stats": stats,
+                "config": dataclasses.asdict(cfg),
+            })
+        if not cfg.save_steps:
+            ckpt = out / "checkpoints"
+            if ckpt.is_dir() and not any(ckpt.iterdir()):
+                ckpt.rmdir()
+    distributed.barrier()  # every rank returns once the output is complete
     return FinetuneResult(
         output=out, adapter_bytes=sum(f.stat().st_size for f in out.glob("*.safetensors")), metric_name=metric_name,
         metric_before=before, metric_after=after, train_loss=train_out.training_loss, seconds=time.time() - start,

@@ -70,6 +70,7 @@ def finetune_command(
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help=H("overwrite")),
     resume: Optional[str] = typer.Option(None, "--resume", help=H("resume")),
     allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle", help=H("allow_pickle")),
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help=H("num_gpus")),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit."),
 ) -> None:
     flags = {k: v for k, v in locals().items() if k in _FIELDS and v is not None}
@@ -78,9 +79,14 @@ def finetune_command(
         console.print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="", highlight=False)
         return
 
+    from qft import distributed
     from qft.train import finetune
 
+    if cfg.num_gpus > 1 and not distributed.launched():  # the ranks print; this process only waits
+        raise typer.Exit(distributed.launch_finetune(cfg, log=lambda m: console.print(m, highlight=False)))
     result = finetune(cfg, log=lambda m: console.print(m, highlight=False))
+    if not distributed.is_main_process():
+        return
     size = result.adapter_bytes
     human = f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
     console.print(

@@ -10,11 +10,14 @@ and checkpointing are the Trainer's own.
 
 Multi-GPU: every rank derives the same seed from the optimizer's step counter; each rank computes the
 loss difference on its own shard of the batch and one scalar is all-reduced (averaged), so all ranks apply
-the identical update and the weights stay identical without any parameter communication.
+the identical update and the weights stay identical without any parameter communication. So the model
+is not wrapped in DDP (:func:`_prepare_without_ddp`): DDP would only add gradient buckets as large as the
+trainable weights, and a collective before every forward.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -50,6 +53,20 @@ def _all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def _prepare_without_ddp(prepare_model, model, device_placement=None, evaluation_mode=False):
+    """accelerate's ``prepare_model`` (device placement, autocast) without the DDP wrapper, for ZO training.
+
+    Rank 0's trainable weights are broadcast once, as DDP does at wrapping, so that ranks start identical
+    even when an adapter was initialised randomly on each.
+    """
+    model = prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+    if not evaluation_mode and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
+    return model
+
+
 def zo_projected_grad(model, params, step_seed: int, eps: float, loss_fn, mask_fn: MaskFn | None = None):
     """(g, mean loss) for one direction: two perturbed forwards; g is all-reduced across ranks."""
     with torch.no_grad():
@@ -75,6 +92,10 @@ class ZoTrainerMixin:
         super().__init__(*args, **kwargs)
         # there are no gradients to clip; the projected gradient is logged instead
         self.args.max_grad_norm = 0.0
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+            self.accelerator.prepare_model = functools.partial(_prepare_without_ddp, self.accelerator.prepare_model)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
