@@ -17,6 +17,7 @@ from qft.sparse import (
     random_indices,
     regrow_from_candidates,
     regrow_from_scores,
+    remap_optimizer_state,
     remap_state,
     remap_state_reference,
     reselect,
@@ -156,6 +157,21 @@ def test_remap_state_matches_reference():
     assert torch.equal(fast, remap_state_reference(old, new, state))
     survived = torch.isin(new, old)
     assert (fast[~survived] == 0).all() and survived.sum() >= 40
+
+
+def test_remap_optimizer_state_float_in_place_and_unknown_layouts_raise():
+    g = torch.Generator().manual_seed(0)
+    old = random_indices(500, 60, g)
+    new = reselect(old, torch.randn(60, generator=g), 20,
+                   lambda exclude, n: regrow_from_scores(torch.rand(500, generator=g), exclude, n))
+    moment, step = torch.randn(60, generator=g), torch.tensor(7.0)
+    state = {"exp_avg": moment.clone(), "step": step}
+    buffer = state["exp_avg"]
+    remap_optimizer_state(state, old, new, 60)
+    assert state["exp_avg"] is buffer  # in place: a paged buffer stays paged
+    assert torch.equal(buffer, remap_state_reference(old, new, moment)) and state["step"] is step
+    with pytest.raises(ValueError, match="cannot remap optimizer state 'codes'"):
+        remap_optimizer_state({"codes": torch.zeros(60, dtype=torch.uint8)}, old, new, 60)
 
 
 def test_sm3_update_matches_dense_definition():

@@ -21,6 +21,7 @@ from qft.sparse.select import (
     random_indices,
     regrow_from_candidates,
     regrow_from_scores,
+    remap_optimizer_state,
     remap_state,
     remap_state_reference,
     reselect,
@@ -34,6 +35,7 @@ __all__ = [
     "Density", "allocate", "parse_density",
     "SparseDeltaMatmul", "delta_matmul", "delta_matmul_reference", "sddmm", "sddmm_reference",
     "sparse_delta_matmul",
-    "drop_smallest", "random_indices", "regrow_from_candidates", "regrow_from_scores", "remap_state",
-    "remap_state_reference", "reselect", "reselect_fraction", "sm3_scores", "sm3_update", "sm3_update_reference",
+    "drop_smallest", "random_indices", "regrow_from_candidates", "regrow_from_scores", "remap_optimizer_state",
+    "remap_state", "remap_state_reference", "reselect", "reselect_fraction", "sm3_scores", "sm3_update",
+    "sm3_update_reference",
 ]

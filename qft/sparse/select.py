@@ -97,6 +97,53 @@ def remap_state(old_indices: torch.Tensor, new_indices: torch.Tensor, tensor: to
     return out
 
 
+_BNB_BLOCKSIZES = (256, 2048, 4096, 64, 128, 512, 1024)  # 256 first: bitsandbytes' 8-bit optimizers use it
+
+
+def _blocksize(numel: int, blocks: int) -> int:
+    for size in _BNB_BLOCKSIZES:
+        if -(-numel // size) == blocks:
+            return size
+    raise ValueError(f"cannot tell the block size of {blocks} blocks over {numel} entries")
+
+
+def remap_optimizer_state(state: dict, old_indices: torch.Tensor, new_indices: torch.Tensor, numel: int) -> None:
+    """Move one parameter's optimizer state (``optimizer.state[values]``) to the new index order, in place.
+
+    - float tensors of one number per entry (torch AdamW's ``exp_avg``/``exp_avg_sq``, bitsandbytes' 32-bit
+      ``state1``/``state2``): ``remap_state``;
+    - bitsandbytes' 8-bit blockwise state (``paged_adamw_8bit``, ``adamw_8bit``, ``lion_8bit``...: ``stateN``
+      uint8 codes into ``qmapN``, scaled by ``absmaxN``, one per block of 256 entries): dequantized, remapped
+      and requantized. The codes are not values: code 0 is ``-0.99 * absmax`` in the signed map, so zeroing
+      codes would give every regrown entry a large negative momentum and no second moment (an update of up
+      to thousands of times the learning rate, all of one sign), and moving codes across blocks rescales them
+      by another block's ``absmax``.
+
+    Tensors are overwritten in place, so paged buffers stay paged. Any other per-entry state raises.
+    """
+    for key in list(state):
+        value = state[key]
+        if not torch.is_tensor(value) or value.shape != (numel,) or key.startswith(("qmap", "absmax")):
+            continue
+        if value.is_floating_point():
+            value.copy_(remap_state(old_indices, new_indices, value))
+            continue
+        n = key[len("state"):] if key.startswith("state") else ""
+        if value.dtype == torch.uint8 and f"qmap{n}" in state and f"absmax{n}" in state:
+            import bitsandbytes.functional as bnbf
+
+            qmap, absmax = state[f"qmap{n}"], state[f"absmax{n}"]
+            size = _blocksize(numel, absmax.numel())
+            dense = bnbf.dequantize_blockwise(value, absmax=absmax, code=qmap, blocksize=size)
+            codes, qs = bnbf.quantize_blockwise(remap_state(old_indices, new_indices, dense), code=qmap,
+                                                blocksize=size)
+            value.copy_(codes)
+            absmax.copy_(qs.absmax)
+            continue
+        raise ValueError(f"cannot remap optimizer state {key!r} ({value.dtype}) after a SpIEL reselection: "
+                         "use a float optimizer state or bitsandbytes' blockwise 8-bit one")
+
+
 def remap_state_reference(old_indices, new_indices, tensor):
     where = {int(i): j for j, i in enumerate(old_indices.tolist())}
     out = torch.zeros_like(tensor)

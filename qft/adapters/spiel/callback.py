@@ -7,8 +7,9 @@ Every ``reselect_every`` optimizer steps (read from the model's ``SpielConfig``)
    over the last ``accumulation_steps`` steps (candidates: the top-k dense-gradient entries of the first of
    those steps, as in the reference code); with ``regrow="sm3"``, the largest ``row_acc[i] * col_acc[j]`` of
    SM3 accumulators fed by the active entries' gradients every step;
-3. remap the optimizer's per-entry state (Adam's ``exp_avg``/``exp_avg_sq``): surviving entries keep their
-   moments at their new positions, new entries start at 0 (value and moments).
+3. remap the optimizer's per-entry state (Adam's ``exp_avg``/``exp_avg_sq``, float or bitsandbytes 8-bit, which
+   is dequantized, remapped and requantized): surviving entries keep their moments at their new positions,
+   new entries start at 0 (value and moments).
 
 ``f`` decays linearly (or by a cosine) from ``reselect_fraction`` at step 0 to 0 at the last step; no
 reselection happens at the last step, which would throw trained values away. Memory: RigL scoring forms
@@ -28,6 +29,7 @@ from qft.adapters.spiel.layer import SpielLinear
 from qft.sparse import (
     regrow_from_candidates,
     regrow_from_scores,
+    remap_optimizer_state,
     remap_state,
     reselect,
     reselect_fraction,
@@ -129,9 +131,7 @@ class SpielCallback(TrainerCallback):
         changed = int((remap_state(old, new, torch.ones_like(values)) == 0).sum())
         values.copy_(remap_state(old, new, values))
         opt = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-        if opt is not None and values in opt.state:
-            for k, v in opt.state[values].items():
-                if torch.is_tensor(v) and v.shape == values.shape:
-                    opt.state[values][k] = remap_state(old, new, v)
+        if opt is not None and values in opt.state:  # Adam's moments, float or 8-bit (bitsandbytes)
+            remap_optimizer_state(opt.state[values], old, new, values.numel())
         old.copy_(new)
         return changed
