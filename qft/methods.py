@@ -36,7 +36,7 @@ METHODS = (
                "saves only the side network; no KV cache in generate; GPU quality not yet measured"),
     MethodInfo("spiel", "sparse weight deltas with periodic drop and regrow, over float or NF4 bases",
                "Ansell et al., 2024, arXiv:2401.16405", True,
-               "float or NF4 base (--quantize-base); diverged in a bf16 GPU run at lr 5e-4 (open)"),
+               "float or NF4 base (--quantize-base); GPU quality run pending after the 8-bit Adam remap fix"),
     MethodInfo("mezo", "zeroth-order SGD from forward passes only, at inference memory",
                "Malladi et al., 2023, arXiv:2305.17333", True,
                "full model in float32; ZO over any adapter from Python"),
