@@ -166,10 +166,11 @@ def early_stopping_callbacks(cfg: FinetuneConfig) -> list:
 
 
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: bool = True,
-             eval_task=None) -> FinetuneResult:
+             eval_task=None, callbacks: list | None = None) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method`` and save the adapter in ``cfg.output``.
 
-    ``eval_task`` (a :class:`qft.data.LabelWordTask`) replaces the held-out loss by label-word accuracy.
+    ``eval_task`` (a :class:`qft.data.LabelWordTask`) replaces the held-out loss by label-word accuracy;
+    ``callbacks`` are extra ``TrainerCallback`` objects (e.g. an accuracy curve).
     ``cfg.num_gpus > 1`` runs it in that many processes through ``accelerate launch`` (:mod:`qft.distributed`);
     under a launcher every rank trains, and rank 0 alone logs and saves.
     """
@@ -234,8 +235,9 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
     args = SFTConfig(**{**sft_kwargs, **optimizer.training_args, **_eval_args(cfg), **plan.sft_overrides})
     metrics = QftMetricsCallback()
     stopper = StopOnSignal()  # SIGINT/SIGTERM: finish the step, save a checkpoint, stop
+    extra_callbacks = list(callbacks or [])
     callbacks = [metrics, stopper, NanGuard(), *plan.callbacks] + ([rich_progress_callback()] if progress else [])
-    callbacks += early_stopping_callbacks(cfg)
+    callbacks += early_stopping_callbacks(cfg) + extra_callbacks
     trainer_cls = atomic_checkpoints(plan.trainer_cls or SFTTrainer)
     try:
         trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

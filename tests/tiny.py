@@ -38,13 +38,17 @@ def tiny_inputs(model, batch: int = 2, seq: int = 12, seed: int = 1):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def save_tiny(family: str, path, seed: int = 0):
-    """Save a tiny model plus a small word-level tokenizer to ``path`` (a local model folder)."""
+def save_tiny(family: str, path, seed: int = 0, extra_words: tuple[str, ...] = ()):
+    """Save a tiny model plus a small word-level tokenizer to ``path`` (a local model folder).
+
+    ``extra_words`` take the places of the first filler words (e.g. label words for classification)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     model = tiny_model(family, seed)
-    words = ["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(VOCAB - 3 - 26)] + list("abcdefghijklmnopqrstuvwxyz")
+    fillers = [f"w{i}" for i in range(VOCAB - 3 - 26)]
+    fillers[: len(extra_words)] = extra_words
+    words = ["<pad>", "<unk>", "<eos>"] + fillers + list("abcdefghijklmnopqrstuvwxyz")
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")

@@ -6,6 +6,11 @@ on all 872 sentences.
 
     python -m qft.bench.sst2 --model SMOLLM2_DIR --data ../shared/data/sst2 --methods qlora,peqa --steps 300 \\
         --out benchmarks/results/sst2.json
+
+MeZO's accuracy-versus-steps curves (issue 6), JSON plus a PNG beside it:
+
+    python -m qft.bench.sst2 --model SMOLLM2_DIR --data ../shared/data/sst2 --methods mezo,sparse-mezo \\
+        --steps 20000 --curve-every 1000 --out benchmarks/results/sst2-zo.json
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import random
 import tempfile
 import time
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from qft.data import PROMPT, LabelWordTask
 
@@ -40,8 +47,46 @@ def sst2_task(data_dir: Path, n_train: int = 1000, seed: int = 0) -> tuple[Path,
     return folder / "train.jsonl", task
 
 
+class AccuracyCurve(TrainerCallback):
+    """Records label-word accuracy every ``every`` optimizer steps in ``points``: [(step, accuracy %)]."""
+
+    def __init__(self, task: LabelWordTask, every: int, limit: int | None = None):
+        self.task = LabelWordTask(task.template, task.label_words, task.examples[:limit] if limit else task.examples)
+        self.every = every
+        self.points: list[tuple[int, float]] = []
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.every and state.global_step % self.every == 0 and state.is_world_process_zero:
+            from qft.evaluate import label_word_accuracy
+
+            self.points.append((state.global_step, round(100 * label_word_accuracy(model, processing_class,
+                                                                                  self.task), 2)))
+
+
+def plot_curves(results: dict, png: Path) -> bool:
+    """Accuracy-versus-steps curves of every method that has one; False when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, r in results["methods"].items():
+        if r.get("curve"):
+            steps, accs = zip(*r["curve"])
+            ax.plot(steps, accs, marker=".", label=method)
+    ax.set_xlabel("step")
+    ax.set_ylabel("SST-2 dev accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    return True
+
+
 def run(model: str, data_dir: Path, methods: list[str], steps: int, out: Path | None, lr: dict | None = None,
-        extra: dict | None = None) -> dict:
+        extra: dict | None = None, curve_every: int = 0, curve_limit: int | None = None) -> dict:
     from qft.bench.shapes import environment
     from qft.io import write_json_atomic
     from qft.train import FinetuneConfig, finetune
@@ -56,9 +101,13 @@ def run(model: str, data_dir: Path, methods: list[str], steps: int, out: Path | 
                        lora_r=8, **(extra or {}).get(method, {}))
         if lr and method in lr:
             options["learning_rate"] = lr[method]
+        curve = AccuracyCurve(task, curve_every, curve_limit) if curve_every else None
         try:
-            r = finetune(FinetuneConfig(**options), log=print, progress=False, eval_task=task)
+            r = finetune(FinetuneConfig(**options), log=print, progress=False, eval_task=task,
+                         callbacks=[curve] if curve else None)
             results["methods"][method] = {
+                "curve": list(curve.points) if curve else None,
+                "curve_examples": curve_limit or len(task.examples),
                 "zero_shot": round(100 * r.metric_before, 1), "accuracy": round(100 * r.metric_after, 1),
                 "seconds": round(time.time() - t0, 1), "options": options, "stats": r.stats,
                 "trainable_params": r.stats.get("trainable_params")}
@@ -67,6 +116,8 @@ def run(model: str, data_dir: Path, methods: list[str], steps: int, out: Path | 
         print(method, results["methods"][method], flush=True)
         if out is not None:
             write_json_atomic(out, results)
+            if curve_every:
+                plot_curves(results, out.with_suffix(".png"))
     return results
 
 
@@ -78,9 +129,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", default="", help="method=lr,method=lr")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--curve-every", type=int, default=0, help="record dev accuracy every N steps (0: off)")
+    ap.add_argument("--curve-limit", type=int, default=None, help="dev examples per curve point (default: all)")
     a = ap.parse_args()
     lr = {k: float(v) for k, v in (kv.split("=") for kv in a.lr.split(",") if kv)}
-    run(a.model, a.data, a.methods.split(","), a.steps, a.out, lr)
+    run(a.model, a.data, a.methods.split(","), a.steps, a.out, lr, curve_every=a.curve_every,
+        curve_limit=a.curve_limit)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,24 @@
+"""The SST-2 quality runner end to end on a tiny model with generated SST-2-format data (no ../shared)."""
+
+import json
+import random
+
+from qft.bench.sst2 import run
+from tests.tiny import save_tiny
+
+
+def test_runner_records_accuracy_curves(tmp_path):
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("dev", 24)):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"sentence": " ".join(rng.choice("abcdef") for _ in range(5)),
+                                    "label": rng.randint(0, 1)}) + "\n")
+    model = save_tiny("llama", tmp_path / "model", extra_words=("terrible", "great"))
+    out = tmp_path / "r.json"
+    res = run(str(model), tmp_path, ["mezo"], steps=4, out=out, curve_every=2, curve_limit=8)
+    r = res["methods"]["mezo"]
+    assert "error" not in r, r
+    assert [s for s, _ in r["curve"]] == [2, 4] and all(0 <= a <= 100 for _, a in r["curve"])
+    assert r["curve_examples"] == 8
+    assert json.loads(out.read_text())["methods"]["mezo"]["curve"] == [list(p) for p in r["curve"]]
