@@ -6,9 +6,14 @@
 from __future__ import annotations
 
 import importlib
+import logging
 
-from qft.errors import QftError
-from qft.registry import register_method, registered_methods
+# bitsandbytes warns at import that an optional AVX512-BF16 CPU kernel ("kernels" package) is missing. qft never
+# uses that path (qft.quant.keep_bnb_layout turns bitsandbytes' CPU repacking off), so the warning is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from qft.errors import QftError  # noqa: E402
+from qft.registry import register_method, registered_methods  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -26,7 +26,11 @@ def _quiet_libraries() -> None:
     import datasets
     import transformers
 
+    import huggingface_hub
+
     datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()  # its retry warnings would bury the one error line
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
