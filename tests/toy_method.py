@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from qft.registry import register_method
@@ -77,9 +77,6 @@ class RowScaleModel(BaseTuner):
     tuner_layer_cls = RowScaleLayer
     target_module_mapping: dict = {}
 
-    @staticmethod
-    def _check_target_module_exists(config, key):
-        return check_target_module_exists(config, key)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key=None, **kw):
         if isinstance(target, RowScaleLayer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import signal
 import threading
@@ -70,6 +71,21 @@ def load_yaml(path: Path | None) -> dict:
     if not isinstance(values, dict):
         raise QftError(f"config file {path} must be a mapping of option: value", "write one `key: value` per line")
     return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def help_of(cls):
+    """``H(name)`` -> the help text of config field ``name``: one source of truth for CLI, YAML and Python."""
+    fields = {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+    return fields.__getitem__
+
+
+def resolve_config(cls, config: Path | None, flags: dict):
+    """``cls`` from a YAML file overridden by the flags given (not None); unknown keys name the closest option."""
+    from qft.config import config_from_dict
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in flags.items() if v is not None and k in names}
+    return config_from_dict(cls, {**load_yaml(config), **given})
 
 
 def with_yaml_defaults(ctx, config: Path | None, values: dict) -> dict:

@@ -12,28 +12,14 @@ Examples:
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from qft.cli.common import console, load_yaml, user_errors
+from qft.cli.common import console, help_of, resolve_config, user_errors
 from qft.evaluate import EvalConfig
-
-
-def resolve_config(cls, config: Path | None, flags: dict):
-    """``cls`` from a YAML file overridden by the flags given; an unknown key names the closest option."""
-    from qft.config import config_from_dict
-
-    given = {k: v for k, v in flags.items() if v is not None and k in {f.name for f in dataclasses.fields(cls)}}
-    return config_from_dict(cls, {**load_yaml(config), **given})
-
-
-def help_of(cls):
-    fields = {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
-    return fields.__getitem__
 
 
 H = help_of(EvalConfig)

@@ -13,8 +13,7 @@ from typing import Optional
 
 import typer
 
-from qft.cli.common import console, user_errors
-from qft.cli.eval import help_of, resolve_config
+from qft.cli.common import console, help_of, resolve_config, user_errors
 from qft.merge import ExportConfig
 
 H = help_of(ExportConfig)

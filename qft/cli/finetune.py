@@ -17,15 +17,10 @@ from typing import Optional
 import typer
 import yaml
 
-from qft.cli.common import console, load_yaml, user_errors
+from qft.cli.common import console, help_of, resolve_config, user_errors
 from qft.train import FinetuneConfig
 
-_FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
-
-
-def H(name: str) -> str:
-    """The option's help text, from the config field: one source of truth for CLI, YAML and Python."""
-    return _FIELDS[name].metadata["help"]
+H = help_of(FinetuneConfig)
 
 
 @user_errors
@@ -73,8 +68,7 @@ def finetune_command(
     num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help=H("num_gpus")),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit."),
 ) -> None:
-    flags = {k: v for k, v in locals().items() if k in _FIELDS and v is not None}
-    cfg = FinetuneConfig.from_dict({**load_yaml(config), **flags})
+    cfg = resolve_config(FinetuneConfig, config, locals())
     if print_config:
         console.print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="", highlight=False)
         return

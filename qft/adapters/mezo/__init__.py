@@ -7,10 +7,27 @@ saves the whole model. For ZO over an adapter instead (LoRA, PEQA scales, SpIEL 
 
 from __future__ import annotations
 
+import functools
+
 from qft.adapters import MethodPlan
 
 
-def plan(cfg) -> MethodPlan:
-    from qft.adapters.sparse_mezo import zo_plan
+def zo_plan(cfg, peft_config) -> MethodPlan:
+    """Shared by MeZO and Sparse-MeZO: a float32 base and TRL's SFTTrainer driven by ZO-SGD."""
+    import torch
 
+    from qft.models import load_base
+    from qft.zo.trainer import ZoArguments, zo_sft_trainer_cls
+
+    zo = ZoArguments(eps=cfg.zo_eps, samples=cfg.zo_samples)
+    return MethodPlan(
+        load_base=lambda model_id: load_base(model_id, None, dtype=torch.float32),
+        peft_config=peft_config,
+        trainer_cls=functools.partial(zo_sft_trainer_cls(), zo=zo),
+        default_lr=1e-6,  # MeZO's SST-2 setting (Malladi et al., Table 15: 1e-6 / 1e-7 for full-parameter ZO)
+        sft_overrides={"bf16": False},
+    )
+
+
+def plan(cfg) -> MethodPlan:
     return zo_plan(cfg, None)

@@ -7,7 +7,7 @@ holds only the scales.
 
 from __future__ import annotations
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from qft.adapters.peqa.gptq import int_linear_from_gptq, is_gptq_layer
@@ -50,9 +50,6 @@ class PeqaModel(BaseTuner):
                                "pass a decoder-only transformer (Llama, Qwen2, OPT...)")
             peft_config.target_modules = names
 
-    @staticmethod
-    def _check_target_module_exists(peft_config, key):
-        return check_target_module_exists(peft_config, key)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key=None, **kw):
         bits, group_size = peft_config.bits, peft_config.group_size

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import functools
-
 from qft.adapters import MethodPlan
 from qft.adapters.sparse_mezo.config import SparseMezoConfig
 from qft.adapters.sparse_mezo.layer import SparseMezoLinear
@@ -34,24 +32,8 @@ def parse_fraction(spec: str | None, default: float) -> float:
     return value
 
 
-def zo_plan(cfg, peft_config) -> MethodPlan:
-    """Shared by MeZO and Sparse-MeZO: a float32 base and TRL's SFTTrainer driven by ZO-SGD."""
-    import torch
-
-    from qft.models import load_base
-    from qft.zo.trainer import ZoArguments, zo_sft_trainer_cls
-
-    zo = ZoArguments(eps=cfg.zo_eps, samples=cfg.zo_samples)
-    return MethodPlan(
-        load_base=lambda model_id: load_base(model_id, None, dtype=torch.float32),
-        peft_config=peft_config,
-        trainer_cls=functools.partial(zo_sft_trainer_cls(), zo=zo),
-        default_lr=1e-6,  # MeZO's SST-2 setting (Malladi et al., Table 15: 1e-6 / 1e-7 for full-parameter ZO)
-        sft_overrides={"bf16": False},
-    )
-
-
 def plan(cfg) -> MethodPlan:
+    from qft.adapters.mezo import zo_plan
     from qft.adapters.qlora import lora_targets
 
     return zo_plan(cfg, SparseMezoConfig(density=parse_fraction(cfg.density, 0.2),

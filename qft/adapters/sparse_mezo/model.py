@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from qft.adapters.sparse_mezo.layer import SparseMezoLinear
@@ -12,9 +12,6 @@ class SparseMezoModel(BaseTuner):
     tuner_layer_cls = SparseMezoLinear
     target_module_mapping: dict = {}
 
-    @staticmethod
-    def _check_target_module_exists(config, key):
-        return check_target_module_exists(config, key)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key=None, **kw):
         if isinstance(target, SparseMezoLinear):

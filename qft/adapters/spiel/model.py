@@ -17,9 +17,6 @@ class SpielModel(BaseTuner):
     tuner_layer_cls = SpielLinear
     target_module_mapping: dict = {}
 
-    @staticmethod
-    def _check_target_module_exists(config, key):
-        return check_target_module_exists(config, key)
 
     def _counts(self, config, adapter_name: str) -> dict[str, int]:
         """Entries per targeted module, over all targets at once (a total count is shared out)."""
