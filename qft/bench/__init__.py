@@ -30,6 +30,17 @@ SUITES = {
         "stock-trl": "TRL docs QLoRA: bnb NF4 model + SFTTrainer(peft_config=LoraConfig)",
         "qft-peqa": "qft PEQA: 4-bit integers in groups of 128, only the scales train, SFTTrainer(peft_config)",
     },
+    "qst": {
+        "stock-peft": "peft docs QLoRA: bnb NF4 + prepare_model_for_kbit_training + get_peft_model, TRL SFTTrainer",
+        "stock-trl": "TRL docs QLoRA: bnb NF4 model + SFTTrainer(peft_config=LoraConfig)",
+        "qft-qst": "qft QST: bnb NF4 LLM under no_grad + side network (r=16, lora downsample), SFTTrainer(peft_config)",
+    },
+    "spiel": {
+        "stock-trl": "TRL docs QLoRA: bnb NF4 model + SFTTrainer(peft_config=LoraConfig)",
+        "qft-spiel-nf4": "qft SpIEL over the NF4 base, as many entries as LoRA (density lora:R), RigL regrowth",
+        "stock-lora-bf16": "peft LoRA over the bf16 base: SFTTrainer(peft_config=LoraConfig)",
+        "qft-spiel-bf16": "qft SpIEL over the bf16 base, density lora:R, RigL regrowth",
+    },
     "optim": {
         "state": "optimizer-state bytes after one full-parameter step, for each --optim name",
     },
@@ -39,7 +50,10 @@ SUITES = {
         "qft-mezo": "qft: perturbation inside each module's forward, bucketed _foreach update",
     },
 }
-WORKERS = {"qlora": "qft.bench.worker", "peqa": "qft.bench.worker", "mezo": "qft.bench.zo_worker",
+# which stock path each qft path is compared with (default: every path that does not start with "qft")
+BASELINES = {"qft-spiel-nf4": ("stock-trl",), "qft-spiel-bf16": ("stock-lora-bf16",)}
+WORKERS = {"qlora": "qft.bench.worker", "peqa": "qft.bench.worker", "qst": "qft.bench.worker",
+           "spiel": "qft.bench.worker", "mezo": "qft.bench.zo_worker",
            "optim": "qft.bench.optim_worker"}
 OPTIMIZERS = ("adamw_torch,adamw_8bit,paged_adamw_8bit,lion_32bit,lion_8bit,galore_adamw,apollo_adamw,apollo_mini,"
               "spam,stable_spam,adafactor")
@@ -52,7 +66,8 @@ def torch_cuda() -> bool:
 
 
 def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmup: int, rank: int,
-              gradient_checkpointing: bool, out: Path | None, log=print, optim: str = "adamw_torch") -> dict:
+              gradient_checkpointing: bool, out: Path | None, log=print, optim: str = "adamw_torch",
+              reselect_every: int = 20) -> dict:
     if suite not in SUITES:
         raise QftError(f"unknown benchmark suite {suite!r}", f"choose one of {', '.join(SUITES)}")
     if shape not in SHAPES:
@@ -72,8 +87,8 @@ def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmu
             optimizers = OPTIMIZERS if torch_cuda() else OPTIMIZERS.replace("paged_adamw_8bit,", "")
             cmd = [sys.executable, "-m", WORKERS[suite], "--model", str(ckpt), "--batch", str(batch),
                    "--seq", str(seq), "--optimizers", optimizers, "--result", result_file]
-        if suite in ("qlora", "peqa"):
-            cmd += ["--suite", suite, "--rank", str(rank), "--optim", optim]
+        if WORKERS[suite] == "qft.bench.worker":
+            cmd += ["--suite", suite, "--rank", str(rank), "--optim", optim, "--reselect-every", str(reselect_every)]
             if gradient_checkpointing:
                 cmd.append("--gradient-checkpointing")
         t0 = time.time()
@@ -89,17 +104,17 @@ def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmu
             log(f"  peak {rows[path]['peak_gib']:.2f} GiB, {rows[path]['tokens_per_s']:.0f} tokens/s "
                 f"({time.time() - t0:.0f} s)")
     ratios = {}
-    ours = next((p for p in SUITES[suite] if p.startswith("qft")), None)
-    for base in (p for p in SUITES[suite] if ours is not None and p != ours):
-        b, q = rows.get(base, {}), rows.get(ours, {})
-        if "peak_gib" in b and "peak_gib" in q:
-            ratios[f"{ours}/{base}"] = {
-                "memory": round(q["peak_gib"] / b["peak_gib"], 3),
-                "speed": round(q["tokens_per_s"] / b["tokens_per_s"], 3),
-            }
+    for ours in (p for p in SUITES[suite] if p.startswith("qft")):
+        for base in BASELINES.get(ours, [p for p in SUITES[suite] if not p.startswith("qft")]):
+            b, q = rows.get(base, {}), rows.get(ours, {})
+            if "peak_gib" in b and "peak_gib" in q:
+                ratios[f"{ours}/{base}"] = {
+                    "memory": round(q["peak_gib"] / b["peak_gib"], 3),
+                    "speed": round(q["tokens_per_s"] / b["tokens_per_s"], 3),
+                }
     result = {
         "suite": suite, "shape": shape, "shape_config": SHAPES[shape], "batch": batch, "seq": seq,
-        "steps": steps, "warmup": warmup, "lora_r": rank, "optim": optim,
+        "steps": steps, "warmup": warmup, "lora_r": rank, "optim": optim, "reselect_every": reselect_every,
         "gradient_checkpointing": gradient_checkpointing, "paths": SUITES[suite], "results": rows,
         "ratios": ratios, "environment": environment(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -64,6 +64,7 @@ def main() -> None:
         ap.add_argument(f"--{name}", type=int, required=True)
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--reselect-every", type=int, default=20)
     a = ap.parse_args()
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -74,6 +75,7 @@ def main() -> None:
     from qft.models import QuantSettings, load_base
 
     cuda = torch.cuda.is_available()
+    callbacks = []
     quant = QuantSettings(double_quant=True)
     lora = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
@@ -94,6 +96,29 @@ def main() -> None:
 
         model = load_base(a.model, None, dtype=torch.bfloat16 if cuda else torch.float32)
         peft_config = PeqaConfig(bits=a.bits, group_size=128, task_type="CAUSAL_LM")
+    elif a.path == "stock-lora-bf16":
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                     device_map={"": 0} if cuda else None)
+        peft_config = lora
+    elif a.path == "qft-qst":
+        from qft.adapters.qst import QstConfig, QstFloat32Callback
+
+        model = load_base(a.model, quant)
+        peft_config = QstConfig(r=16, downsample="lora")
+        callbacks.append(QstFloat32Callback())
+    elif a.path.startswith("qft-spiel"):
+        from qft.adapters.spiel import SpielCallback, SpielConfig
+
+        if a.path == "qft-spiel-nf4":
+            model = load_base(a.model, quant)
+        else:
+            model = load_base(a.model, None, dtype=torch.bfloat16 if cuda else torch.float32)
+        # as many trainable entries as the LoRA paths; one whole drop-and-regrow cycle (accumulation steps
+        # included) inside the timed steps when --steps >= --reselect-every
+        peft_config = SpielConfig(density=f"lora:{a.rank}", target_modules="all-linear",
+                                  reselect_every=a.reselect_every, accumulation_steps=min(5, a.reselect_every),
+                                  task_type="CAUSAL_LM")
+        callbacks.append(SpielCallback())
     elif a.path == "qft":
         model = load_base(a.model, quant)
         if not a.gradient_checkpointing:  # the same rule as qft finetune (see qft/adapters/qlora)
@@ -116,7 +141,7 @@ def main() -> None:
     )
     timer = _StepTimer(a.warmup)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config,
-                         callbacks=[timer])
+                         callbacks=[timer, *callbacks])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()

@@ -9,12 +9,11 @@ values vector of the same length. Every fast path here has a slow, obviously-rig
 
 from qft.sparse.density import Density, allocate, parse_density
 from qft.sparse.ops import (
-    SparseDeltaMatmul,
-    delta_matmul,
-    delta_matmul_reference,
+    SparseDeltaLinear,
     sddmm,
     sddmm_reference,
-    sparse_delta_matmul,
+    sparse_delta_linear,
+    sparse_delta_linear_reference,
 )
 from qft.sparse.select import (
     drop_smallest,
@@ -33,8 +32,7 @@ from qft.sparse.select import (
 
 __all__ = [
     "Density", "allocate", "parse_density",
-    "SparseDeltaMatmul", "delta_matmul", "delta_matmul_reference", "sddmm", "sddmm_reference",
-    "sparse_delta_matmul",
+    "SparseDeltaLinear", "sddmm", "sddmm_reference", "sparse_delta_linear", "sparse_delta_linear_reference",
     "drop_smallest", "random_indices", "regrow_from_candidates", "regrow_from_scores", "remap_optimizer_state",
     "remap_state", "remap_state_reference", "reselect", "reselect_fraction", "sm3_scores", "sm3_update",
     "sm3_update_reference",

@@ -1,8 +1,7 @@
 """``SpielLinear``: a Linear (float or bitsandbytes 4-bit) plus a sparse delta, ``y = x (W + D)^T + b``.
 
-The base layer runs unchanged (``x W^T + b``, through bitsandbytes for a 4-bit base); the delta adds
-``x D^T`` through ``qft.sparse.sparse_delta_matmul``, whose backward gives gradients to ``x`` and to the
-active values only. The 4-bit base is never modified except by an explicit merge, which dequantizes,
+The forward is ``qft.sparse.sparse_delta_linear``: the frozen weight (dequantized for a 4-bit base) plus the
+scattered deltas, one dense matmul, whose backward gives gradients to ``x`` and to the active values only. The 4-bit base is never modified except by an explicit merge, which dequantizes,
 adds the delta and requantizes, recording the requantization error in ``base_layer.qft_merge_error``.
 """
 
@@ -15,7 +14,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from qft.sparse import random_indices, sparse_delta_matmul
+from qft.sparse import random_indices, sparse_delta_linear
 from qft.sparse.ops import scatter_dense
 
 log = logging.getLogger("qft.spiel")
@@ -88,15 +87,21 @@ class SpielLinear(nn.Module, BaseTunerLayer):
             self._add_to_base(self.merged_adapters.pop(), -1.0)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
-            return y
-        for name in self.active_adapters:
-            if name in self.spiel_values:
-                delta = sparse_delta_matmul(x, self.spiel_values[name], self.spiel_indices[name], self.shape,
-                                            self.spiel_probe.get(name))
-                y = y + delta.to(y.dtype)
-        return y
+        active = [n for n in self.active_adapters if n in self.spiel_values]
+        if self.disable_adapters or self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        four_bit = is_4bit(base.weight)
+        if four_bit:
+            from qft.quant.bnb import dequantize_nf4
+
+            weight = lambda: dequantize_nf4(base.weight)  # noqa: E731
+        else:
+            weight = lambda: base.weight  # noqa: E731
+        return sparse_delta_linear(x, weight, base.bias, [self.spiel_values[n] for n in active],
+                                   [self.spiel_indices[n] for n in active], [self.spiel_probe.get(n) for n in active],
+                                   fresh=four_bit, out_in_input_dtype=four_bit,
+                                   compute_dtype=getattr(base, "compute_dtype", None) if four_bit else None)
 
     def __repr__(self) -> str:
         return "spiel." + super().__repr__()
