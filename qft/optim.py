@@ -9,7 +9,13 @@ where transformers has no name for it, to a maintained PyPI implementation hande
 - GaLore (Zhao et al., 2024, arXiv:2403.03507) through transformers + ``galore-torch``;
 - APOLLO and APOLLO-Mini (Zhu et al., 2024, arXiv:2412.05270) through transformers + ``apollo-torch``;
   APOLLO-Mini is APOLLO with rank 1, tensor-wise scaling and scale 128 (the paper's setting);
-- SPAM (Huang et al., 2025, arXiv:2501.06842) and Stable-SPAM (arXiv:2502.17055) from ``pytorch-optimizer``.
+- SPAM (Huang et al., 2025, arXiv:2501.06842) and Stable-SPAM (arXiv:2502.17055) from ``pytorch-optimizer``;
+- Q-GaLore (Zhang et al., 2024, arXiv:2407.08296) from ``q-galore-torch``: GaLore with INT4 projection matrices,
+  layer-adaptive lazy subspace updates and 8-bit Adam states. q-galore-torch 1.0 was written against
+  bitsandbytes 0.43 and calls its optimizer base class with since-changed arguments; ``QGaLoreFactory`` builds
+  its optimizer with the arguments bitsandbytes 0.50 takes and runs bitsandbytes' own 8-bit Adam update,
+  keeping q-galore-torch's step, projector and INT4 quantization. Q-GaLore's INT8 *weights* (a model-side
+  change of every linear layer in the paper's code) are not part of it.
 
     choice = resolve_optimizer("apollo_mini", learning_rate=1e-3)
     SFTConfig(..., **choice.training_args); SFTTrainer(..., optimizer_cls_and_kwargs=choice.optimizer_cls_and_kwargs)
@@ -74,6 +80,9 @@ OPTIMIZERS = {o.name: o for o in (
                   package="pytorch_optimizer", pip="pytorch-optimizer", external="pytorch_optimizer:SPAM"),
     OptimizerInfo("stable_spam", "Stable-SPAM: SPAM with adaptive spike clipping and norm scaling",
                   package="pytorch_optimizer", pip="pytorch-optimizer", external="pytorch_optimizer:StableSPAM"),
+    OptimizerInfo("q_galore_adamw_8bit", "Q-GaLore: GaLore with INT4 projections, adaptive subspace updates and "
+                  "8-bit Adam states", package="q_galore_torch", pip="q-galore-torch",
+                  external="qft.optim:QGaLoreFactory", needs_cuda=True),  # its step calls torch.cuda.synchronize
     OptimizerInfo("adafactor", "Adafactor: factored second moments (transformers' implementation)", "adafactor"),
     OptimizerInfo("sgd", "plain SGD, no state", "sgd"),
 )}
@@ -157,15 +166,62 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(_tensor_bytes(dict(opt.state), seen) for opt in optimizers)
 
 
+class QGaLoreFactory:
+    """Builds q-galore-torch's Q-GaLore 8-bit AdamW over a model (a transformers optimizer factory).
+
+    Every trainable 2-D weight of a Linear layer other than the output head gets GaLore's projection (rank
+    128, subspace refreshed every 200 steps and lazily less often once it stabilises, scale 0.25, projection
+    matrices quantized to 4 bits in groups of 256: the paper's settings, at transformers' GaLore rank); every
+    other trainable tensor gets plain 8-bit AdamW.
+    """
+
+    GALORE = dict(rank=128, update_proj_gap=200, scale=0.25, proj_type="std", quant=True, quant_group_size=256,
+                  quant_n_bit=4, cos_threshold=0.4, gamma_proj=2, queue_size=5)
+
+    def __call__(self, model: torch.nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, **galore):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        low_rank = {id(m.weight) for m in model.modules()
+                    if isinstance(m, torch.nn.Linear) and m is not head and m.weight.requires_grad}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        projected = [p for p in trainable if id(p) in low_rank]
+        groups = [{"params": projected, **self.GALORE, **galore}] if projected else []
+        rest = [p for p in trainable if id(p) not in low_rank]
+        if rest:
+            groups.append({"params": rest})
+        return qgalore_adamw8bit_class()(groups, lr=lr, weight_decay=weight_decay)
+
+
+def qgalore_adamw8bit_class():
+    """q-galore-torch's ``QGaLoreAdamW8bit``, constructed and updated through bitsandbytes 0.50's API."""
+    from bitsandbytes.optim.optimizer import Optimizer2State
+    from q_galore_torch import QGaLoreAdamW8bit
+
+    class QGaLoreAdamW8bitBnb(QGaLoreAdamW8bit):
+        def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, min_8bit_size=4096,
+                     is_paged=False):
+            Optimizer2State.__init__(self, "adam", params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                     optim_bits=8, min_8bit_size=min_8bit_size, is_paged=is_paged)
+
+        def update_step(self, group, p, gindex, pindex, flag_use_float_grad=False):
+            if flag_use_float_grad:
+                raise NotImplementedError("Q-GaLore's INT8 weights (float_grad) are not supported by qft")
+            return Optimizer2State.update_step(self, group, p, gindex, pindex)
+
+    return QGaLoreAdamW8bitBnb
+
+
 def build_optimizer(model: torch.nn.Module, name: str, learning_rate: float = 1e-3):
     """The optimizer transformers' Trainer would build for ``--optim name`` over ``model``'s trainable weights."""
     import tempfile
 
     from transformers import Trainer, TrainingArguments
+    from transformers.trainer_optimizer import is_optimizer_factory
 
     choice = resolve_optimizer(name, learning_rate)
     if choice.optimizer_cls_and_kwargs is not None:
         cls, kwargs = choice.optimizer_cls_and_kwargs
+        if is_optimizer_factory(cls):  # as Trainer.create_optimizer does
+            return cls()(model, **kwargs)
         return cls([p for p in model.parameters() if p.requires_grad], **kwargs)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, learning_rate=learning_rate, report_to="none",

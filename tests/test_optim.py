@@ -118,3 +118,40 @@ def test_eval_steps_and_early_stopping(tiny_model_dir, jsonl, tmp_path):
 def test_early_stopping_needs_eval_steps(tiny_model_dir, jsonl, tmp_path):
     res = _finetune(tiny_model_dir, jsonl("text"), tmp_path / "o", "--early-stopping-patience", 2)
     assert res.exit_code != 0 and "pass --eval-steps" in res.output
+
+
+@needs("q_galore_torch")
+def test_q_galore_steps_are_low_rank_with_int4_projections(monkeypatch):
+    """q-galore-torch's optimizer through qft's bitsandbytes-0.50 shim, on CPU (its step syncs CUDA: no-op here)."""
+    import torch
+
+    from qft.optim import QGaLoreFactory
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    model = tiny_model("llama")
+    batch = tiny_inputs(model)
+    batch["labels"] = batch["input_ids"]
+    rank = 4
+    opt = QGaLoreFactory()(model, lr=1e-2, rank=rank, quant_group_size=32)
+    galore = [p for g in opt.param_groups if "rank" in g for p in g["params"]]
+    assert galore and len(galore) == 14  # 7 linear weights x 2 layers; norms, embeddings and head stay plain
+    before = {id(p): p.detach().clone() for p in galore}
+    losses = []
+    for _ in range(6):
+        loss = model(**batch).loss
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < losses[0]
+    for p in galore:
+        delta = p.detach() - before[id(p)]
+        assert 0 < torch.linalg.matrix_rank(delta.float()) <= rank  # updates stay in the projected subspace
+        proj = opt.state[p]["projector"]
+        assert proj.ortho_matrix.dtype == torch.uint8 and int(proj.ortho_matrix.max()) <= 15  # 4-bit codes
+        assert opt.state[p]["state1"].numel() == rank * max(p.shape)  # Adam moments of the low-rank gradient
+
+
+def test_q_galore_needs_a_gpu():
+    with pytest.raises(QftError, match="needs a GPU"):
+        resolve_optimizer("q_galore_adamw_8bit", 1e-3, cuda=False)

@@ -55,8 +55,8 @@ BASELINES = {"qft-spiel-nf4": ("stock-trl",), "qft-spiel-bf16": ("stock-lora-bf1
 WORKERS = {"qlora": "qft.bench.worker", "peqa": "qft.bench.worker", "qst": "qft.bench.worker",
            "spiel": "qft.bench.worker", "mezo": "qft.bench.zo_worker",
            "optim": "qft.bench.optim_worker"}
-OPTIMIZERS = ("adamw_torch,adamw_8bit,paged_adamw_8bit,lion_32bit,lion_8bit,galore_adamw,apollo_adamw,apollo_mini,"
-              "spam,stable_spam,adafactor")
+OPTIMIZERS = ("adamw_torch,adamw_8bit,paged_adamw_8bit,lion_32bit,lion_8bit,galore_adamw,galore_adamw_8bit,"
+              "q_galore_adamw_8bit,apollo_adamw,apollo_mini,spam,stable_spam,adafactor")
 
 
 def torch_cuda() -> bool:
@@ -84,7 +84,10 @@ def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmu
         cmd = [sys.executable, "-m", WORKERS[suite], "--path", path, "--model", str(ckpt), "--batch", str(batch),
                "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--result", result_file]
         if suite == "optim":
-            optimizers = OPTIMIZERS if torch_cuda() else OPTIMIZERS.replace("paged_adamw_8bit,", "")
+            from qft.optim import OPTIMIZERS as INFO
+
+            cuda = torch_cuda()
+            optimizers = ",".join(n for n in OPTIMIZERS.split(",") if cuda or not INFO[n].needs_cuda)
             cmd = [sys.executable, "-m", WORKERS[suite], "--model", str(ckpt), "--batch", str(batch),
                    "--seq", str(seq), "--optimizers", optimizers, "--result", result_file]
         if WORKERS[suite] == "qft.bench.worker":
