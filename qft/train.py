@@ -65,6 +65,9 @@ class FinetuneConfig:
     downsample: str = field(default="lora", metadata={"help": "QST: downsample modules (lora, pool or linear)."})
     zo_eps: float = field(default=1e-3, metadata={"help": "MeZO: perturbation scale epsilon."})
     zo_samples: int = field(default=1, metadata={"help": "MeZO: random directions (q) per step."})
+    zo_objective: str = field(default="loss", metadata={
+        "help": "MeZO: what the two forwards measure: 'loss' (the LM loss on the completions) or 'label-words' "
+                "(cross-entropy over the data's label words, MeZO's prompt-based classification objective)."})
     eval_steps: int = field(default=0, metadata={
         "help": "Evaluate the held-out loss every N steps during training (0: only before and after)."})
     early_stopping_patience: int = field(default=0, metadata={
@@ -108,6 +111,11 @@ class FinetuneConfig:
         if self.optim != "auto" and self.method in ("mezo", "sparse-mezo"):
             raise QftError(f"--optim {self.optim} does not apply to {self.method}, which steps with zeroth-order SGD",
                            "leave --optim out for MeZO methods")
+        if self.zo_objective not in ("loss", "label-words"):
+            raise QftError(f"unknown --zo-objective {self.zo_objective!r}", "pass loss or label-words")
+        if self.zo_objective != "loss" and self.method not in ("mezo", "sparse-mezo"):
+            raise QftError(f"--zo-objective applies to mezo and sparse-mezo, not {self.method}",
+                           "leave --zo-objective out, or pass --method mezo")
         if self.eval_steps < 0 or self.early_stopping_patience < 0:
             raise QftError("--eval-steps and --early-stopping-patience must be 0 or more", "pass e.g. 20 and 3")
         if self.early_stopping_patience and not self.eval_steps:
@@ -210,6 +218,11 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
         max_steps = cfg.max_steps or -1  # -1: one epoch (transformers' convention)
 
     plan = plan_for(cfg)
+    if cfg.zo_objective == "label-words":
+        from qft.adapters.mezo import with_zo_objective
+        from qft.zo.objectives import label_word_ids, label_word_objective
+
+        plan = with_zo_objective(plan, label_word_objective(label_word_ids(train_ds, tok)))
     model = plan.load_base(model_id)
     if plan.after_load is not None:
         plan.after_load(model)

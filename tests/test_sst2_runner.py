@@ -7,7 +7,11 @@ from qft.bench.sst2 import run
 from tests.tiny import save_tiny
 
 
-def test_runner_records_accuracy_curves(tmp_path):
+import pytest
+
+
+@pytest.mark.parametrize("objective", ["loss", "label-words"])
+def test_runner_records_accuracy_curves(tmp_path, objective):
     rng = random.Random(0)
     for split, n in (("train", 64), ("dev", 24)):
         with open(tmp_path / f"{split}.jsonl", "w") as f:
@@ -16,9 +20,20 @@ def test_runner_records_accuracy_curves(tmp_path):
                                     "label": rng.randint(0, 1)}) + "\n")
     model = save_tiny("llama", tmp_path / "model", extra_words=("terrible", "great"))
     out = tmp_path / "r.json"
-    res = run(str(model), tmp_path, ["mezo"], steps=4, out=out, curve_every=2, curve_limit=8)
+    seen = []
+    import qft.bench.sst2 as sst2
+
+    real = sst2.plot_curves
+    sst2.plot_curves = lambda results, png: seen.append(json.loads(json.dumps(results["methods"]["mezo"])))
+    try:
+        res = run(str(model), tmp_path, ["mezo"], steps=4, out=out, curve_every=2, curve_limit=8,
+                  zo_objective=objective)
+    finally:
+        sst2.plot_curves = real
+    # the partial curve is saved at every point, so a run stopped at a time limit keeps it
+    assert [len(p["curve"]) for p in seen[:2]] == [1, 2] and seen[0]["partial"]
     r = res["methods"]["mezo"]
     assert "error" not in r, r
     assert [s for s, _ in r["curve"]] == [2, 4] and all(0 <= a <= 100 for _, a in r["curve"])
-    assert r["curve_examples"] == 8
+    assert r["curve_examples"] == 8 and r["options"]["zo_objective"] == objective
     assert json.loads(out.read_text())["methods"]["mezo"]["curve"] == [list(p) for p in r["curve"]]

@@ -5,12 +5,12 @@ by the two label-word logits at the last position; 1,000 random training example
 on all 872 sentences.
 
     python -m qft.bench.sst2 --model SMOLLM2_DIR --data ../shared/data/sst2 --methods qlora,peqa --steps 300 \\
-        --out benchmarks/results/sst2.json
+        --option peqa:bits=3 --out benchmarks/results/sst2.json
 
 MeZO's accuracy-versus-steps curves (issue 6), JSON plus a PNG beside it:
 
     python -m qft.bench.sst2 --model SMOLLM2_DIR --data ../shared/data/sst2 --methods mezo,sparse-mezo \\
-        --steps 20000 --curve-every 1000 --out benchmarks/results/sst2-zo.json
+        --steps 20000 --curve-every 1000 --zo-objective label-words --out benchmarks/results/sst2-zo.json
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ def sst2_task(data_dir: Path, n_train: int = 1000, seed: int = 0) -> tuple[Path,
 class AccuracyCurve(TrainerCallback):
     """Records label-word accuracy every ``every`` optimizer steps in ``points``: [(step, accuracy %)]."""
 
-    def __init__(self, task: LabelWordTask, every: int, limit: int | None = None):
+    def __init__(self, task: LabelWordTask, every: int, limit: int | None = None, on_point=None):
         self.task = LabelWordTask(task.template, task.label_words, task.examples[:limit] if limit else task.examples)
         self.every = every
         self.points: list[tuple[int, float]] = []
+        self.on_point = on_point  # called after each point (the runner saves the partial curve)
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.every and state.global_step % self.every == 0 and state.is_world_process_zero:
@@ -61,6 +62,8 @@ class AccuracyCurve(TrainerCallback):
 
             self.points.append((state.global_step, round(100 * label_word_accuracy(model, processing_class,
                                                                                   self.task), 2)))
+            if self.on_point is not None:
+                self.on_point(self.points)
 
 
 def plot_curves(results: dict, png: Path) -> bool:
@@ -85,8 +88,12 @@ def plot_curves(results: dict, png: Path) -> bool:
     return True
 
 
+ZO_METHODS = ("mezo", "sparse-mezo")
+
+
 def run(model: str, data_dir: Path, methods: list[str], steps: int, out: Path | None, lr: dict | None = None,
-        extra: dict | None = None, curve_every: int = 0, curve_limit: int | None = None) -> dict:
+        extra: dict | None = None, curve_every: int = 0, curve_limit: int | None = None,
+        zo_objective: str = "loss") -> dict:
     from qft.bench.shapes import environment
     from qft.io import write_json_atomic
     from qft.train import FinetuneConfig, finetune
@@ -101,7 +108,17 @@ def run(model: str, data_dir: Path, methods: list[str], steps: int, out: Path | 
                        lora_r=8, **(extra or {}).get(method, {}))
         if lr and method in lr:
             options["learning_rate"] = lr[method]
-        curve = AccuracyCurve(task, curve_every, curve_limit) if curve_every else None
+        if method in ZO_METHODS:
+            options["zo_objective"] = zo_objective
+
+        def save_partial(points, method=method, options=options):
+            # a run stopped at a time limit keeps the curve so far
+            results["methods"][method] = {"curve": list(points), "partial": True, "options": options}
+            if out is not None:
+                write_json_atomic(out, results)
+                plot_curves(results, out.with_suffix(".png"))
+
+        curve = AccuracyCurve(task, curve_every, curve_limit, save_partial) if curve_every else None
         try:
             r = finetune(FinetuneConfig(**options), log=print, progress=False, eval_task=task,
                          callbacks=[curve] if curve else None)
@@ -131,10 +148,30 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--curve-every", type=int, default=0, help="record dev accuracy every N steps (0: off)")
     ap.add_argument("--curve-limit", type=int, default=None, help="dev examples per curve point (default: all)")
+    ap.add_argument("--zo-objective", default="loss", choices=("loss", "label-words"),
+                    help="what MeZO/Sparse-MeZO's two forwards measure")
+    ap.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                    help="a finetune option for one method, e.g. spiel:density=lora:8 or peqa:bits=3 (repeatable)")
     a = ap.parse_args()
+    extra: dict = {}
+    for spec in a.option:
+        method, _, kv = spec.partition(":")
+        key, eq, value = kv.partition("=")
+        if not (method and key and eq):
+            ap.error(f"--option {spec!r}: expected METHOD:KEY=VALUE")
+        extra.setdefault(method, {})[key.replace("-", "_")] = _scalar(value)
     lr = {k: float(v) for k, v in (kv.split("=") for kv in a.lr.split(",") if kv)}
-    run(a.model, a.data, a.methods.split(","), a.steps, a.out, lr, curve_every=a.curve_every,
-        curve_limit=a.curve_limit)
+    run(a.model, a.data, a.methods.split(","), a.steps, a.out, lr, extra=extra, curve_every=a.curve_every,
+        curve_limit=a.curve_limit, zo_objective=a.zo_objective)
+
+
+def _scalar(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 if __name__ == "__main__":

@@ -29,5 +29,13 @@ def zo_plan(cfg, peft_config) -> MethodPlan:
     )
 
 
+def with_zo_objective(plan: MethodPlan, objective) -> MethodPlan:
+    """The same ZO plan with ``objective(model, inputs)`` as what the two forwards measure."""
+    import dataclasses
+
+    zo = dataclasses.replace(plan.trainer_cls.keywords["zo"], objective=objective)
+    return dataclasses.replace(plan, trainer_cls=functools.partial(plan.trainer_cls.func, zo=zo))
+
+
 def plan(cfg) -> MethodPlan:
     return zo_plan(cfg, None)
