@@ -128,8 +128,9 @@ def run(model: str, data_dir: Path, methods: list[str], steps: int, out: Path | 
                 "zero_shot": round(100 * r.metric_before, 1), "accuracy": round(100 * r.metric_after, 1),
                 "seconds": round(time.time() - t0, 1), "options": options, "stats": r.stats,
                 "trainable_params": r.stats.get("trainable_params")}
-        except Exception as exc:  # one method's failure must not lose the others' numbers
-            results["methods"][method] = {"error": f"{type(exc).__name__}: {exc}"}
+        except Exception as exc:  # one method's failure must not lose the others' numbers (or its curve so far)
+            results["methods"][method] = {"error": f"{type(exc).__name__}: {exc}", "options": options,
+                                          "curve": list(curve.points) if curve else None}
         print(method, results["methods"][method], flush=True)
         if out is not None:
             write_json_atomic(out, results)
