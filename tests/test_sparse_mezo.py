@@ -93,3 +93,22 @@ def test_cli_end_to_end(tiny_model_dir, jsonl, tmp_path, method):
         assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "SPARSE_MEZO"
     else:
         assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def test_effective_weight_matches_boolean_indexing_reference_and_grads():
+    model = get_peft_model(tiny_model("llama"), SparseMezoConfig(density=0.3))
+    layers = [m for m in model.modules() if isinstance(m, SparseMezoLinear)]
+    with torch.no_grad():
+        for m in layers:
+            m.sparse_mezo_delta["default"].normal_(0, 0.01)
+    for m in layers:
+        assert torch.equal(m.effective_weight(), m.effective_weight_reference())
+    # the same gradient for the delta (first-order use of the adapter)
+    m = layers[0]
+    x = torch.randn(3, m.get_base_layer().in_features)
+    grads = []
+    for fn in (m.effective_weight, m.effective_weight_reference):
+        m.sparse_mezo_delta["default"].grad = None
+        (x @ fn().T).pow(2).sum().backward()
+        grads.append(m.sparse_mezo_delta["default"].grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
