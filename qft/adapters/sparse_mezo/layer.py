@@ -41,6 +41,12 @@ class SparseMezoLinear(nn.Module, BaseTunerLayer):
     def mask(self, adapter_name: str) -> torch.Tensor:
         return small_magnitude_mask(self.get_base_layer().weight, self.sparse_mezo_threshold[adapter_name])
 
+    def _unmerged_deltas(self):
+        """(mask, delta) of every active, unmerged adapter."""
+        for name in self.active_adapters:
+            if name in self.sparse_mezo_delta and name not in self.merged_adapters:
+                yield self.mask(name), self.sparse_mezo_delta[name]
+
     def effective_weight(self) -> torch.Tensor:
         """``W`` with each active delta added at its selected entries.
 
@@ -48,27 +54,18 @@ class SparseMezoLinear(nn.Module, BaseTunerLayer):
         entries before it (a cumsum of the mask), gathered and applied with ``torch.where``. Every op stays on
         the device; boolean indexing would wait for the host at every layer of every forward.
         """
-        w = self.get_base_layer().weight
-        out = w
-        for name in self.active_adapters:
-            if name in self.sparse_mezo_delta and name not in self.merged_adapters:
-                m = self.mask(name)
-                delta = self.sparse_mezo_delta[name]
-                if delta.numel() == 0:
-                    continue
+        w = out = self.get_base_layer().weight
+        for m, delta in self._unmerged_deltas():
+            if delta.numel():
                 slot = (m.reshape(-1).cumsum(0, dtype=torch.int32) - 1).clamp_min_(0).view(m.shape)
                 out = torch.where(m, (out.to(delta.dtype) + delta[slot]).to(w.dtype), out)
         return out
 
     def effective_weight_reference(self) -> torch.Tensor:
         """Slow reference of ``effective_weight`` through boolean indexing."""
-        w = self.get_base_layer().weight
-        out = w
-        for name in self.active_adapters:
-            if name in self.sparse_mezo_delta and name not in self.merged_adapters:
-                m = self.mask(name)
-                delta = self.sparse_mezo_delta[name]
-                out = out.masked_scatter(m, (out[m].to(delta.dtype) + delta).to(w.dtype))
+        w = out = self.get_base_layer().weight
+        for m, delta in self._unmerged_deltas():
+            out = out.masked_scatter(m, (out[m].to(delta.dtype) + delta).to(w.dtype))
         return out
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
