@@ -25,3 +25,12 @@ def test_suite_runs_every_path_and_pairs_ratios(suite, pairs, tmp_path, monkeypa
         res = r["results"]
         assert res["qft-spiel-nf4"]["trainable_params"] == res["stock-trl"]["trainable_params"]
         assert res["qft-spiel-bf16"]["trainable_params"] == res["stock-lora-bf16"]["trainable_params"]
+
+
+def test_unknown_path_is_a_one_line_error(tmp_path, monkeypatch):
+    from qft.errors import QftError
+
+    monkeypatch.setenv("QFT_BENCH_DIR", str(tmp_path))
+    with pytest.raises(QftError, match="unknown path.*choose from stock-trl"):
+        run_suite("spiel", shape="tiny", batch=2, seq=32, steps=1, warmup=0, rank=4, gradient_checkpointing=False,
+                  out=None, paths=["stock-trl", "nope"])

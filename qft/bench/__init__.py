@@ -67,17 +67,22 @@ def torch_cuda() -> bool:
 
 def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmup: int, rank: int,
               gradient_checkpointing: bool, out: Path | None, log=print, optim: str = "adamw_torch",
-              reselect_every: int = 20) -> dict:
+              reselect_every: int = 20, paths: list[str] | None = None) -> dict:
     if suite not in SUITES:
         raise QftError(f"unknown benchmark suite {suite!r}", f"choose one of {', '.join(SUITES)}")
     if shape not in SHAPES:
         raise QftError(f"unknown shape {shape!r}", f"choose one of {', '.join(SHAPES)}")
     if min(batch, seq, steps, rank) <= 0 or warmup < 0:
         raise QftError("--batch, --seq, --steps and --lora-r must be positive", "pass positive numbers")
+    unknown = [p for p in paths or [] if p not in SUITES[suite]]
+    if unknown:
+        raise QftError(f"unknown path(s) {', '.join(unknown)} for suite {suite}",
+                       f"choose from {', '.join(SUITES[suite])}")
+    selected = {p: w for p, w in SUITES[suite].items() if not paths or p in paths}
     root = Path(os.environ.get("QFT_BENCH_DIR", tempfile.gettempdir())) / "qft-bench"
     ckpt = make_random_checkpoint(shape, root / shape, log=log)
     rows = {}
-    for path, what in SUITES[suite].items():
+    for path, what in selected.items():
         log(f"[{suite}] {path}: {what}")
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             result_file = f.name
@@ -107,8 +112,8 @@ def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmu
             log(f"  peak {rows[path]['peak_gib']:.2f} GiB, {rows[path]['tokens_per_s']:.0f} tokens/s "
                 f"({time.time() - t0:.0f} s)")
     ratios = {}
-    for ours in (p for p in SUITES[suite] if p.startswith("qft")):
-        for base in BASELINES.get(ours, [p for p in SUITES[suite] if not p.startswith("qft")]):
+    for ours in (p for p in selected if p.startswith("qft")):
+        for base in BASELINES.get(ours, [p for p in selected if not p.startswith("qft")]):
             b, q = rows.get(base, {}), rows.get(ours, {})
             if "peak_gib" in b and "peak_gib" in q:
                 ratios[f"{ours}/{base}"] = {
@@ -118,7 +123,7 @@ def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmu
     result = {
         "suite": suite, "shape": shape, "shape_config": SHAPES[shape], "batch": batch, "seq": seq,
         "steps": steps, "warmup": warmup, "lora_r": rank, "optim": optim, "reselect_every": reselect_every,
-        "gradient_checkpointing": gradient_checkpointing, "paths": SUITES[suite], "results": rows,
+        "gradient_checkpointing": gradient_checkpointing, "paths": selected, "results": rows,
         "ratios": ratios, "environment": environment(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

@@ -27,6 +27,7 @@ def bench_command(
     rank: int = typer.Option(16, "--lora-r", help="LoRA rank (spiel: its entries match this rank's count)."),
     reselect_every: int = typer.Option(20, "--reselect-every", help="spiel: steps between drop-and-regrow."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Checkpoint on both paths."),
+    paths: Optional[str] = typer.Option(None, "--paths", help="Run only these paths of the suite (comma-separated)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON results here."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of these options; flags override it."),
 ) -> None:
@@ -34,7 +35,8 @@ def bench_command(
 
     o = with_yaml_defaults(ctx, config, locals())
     result = run_suite(o["suite"], shape=o["shape"], batch=o["batch"], seq=o["seq"], steps=o["steps"],
-                       warmup=o["warmup"], rank=o["rank"], reselect_every=o["reselect_every"], gradient_checkpointing=o["gradient_checkpointing"],
+                       warmup=o["warmup"], rank=o["rank"], reselect_every=o["reselect_every"],
+                       paths=o["paths"].split(",") if o["paths"] else None, gradient_checkpointing=o["gradient_checkpointing"],
                        out=Path(o["out"]) if o["out"] else None, log=lambda m: console.print(m, highlight=False))
     from qft.bench.report import render
 
