@@ -3,16 +3,20 @@
 # out as in ../shared/gpu (wheels in /tmp/site, /tmp/smollm2-a.part, /tmp/sst2). RUNS picks the jobs:
 #   qst spiel peqa3 peqa2 (300 steps), mezo1 mezo5 smezo1 smezo5 (MeZO / Sparse-MeZO curves, label-word
 #   objective, lr 1e-6 / 5e-6, as many steps as fit in LIMIT seconds), optim.
+# The ZO jobs keep checkpoints in /tmp/work: the same command again, while the machine is still warm, continues
+# them from where the time limit stopped them (the curve so far is read back from /tmp/res).
 # Results (JSON + logs) end up in $OUT/sst2-runs.tgz. Each process gets 2 CPU threads: nine processes with
 # torch's default (all cores each) starved one another on the first try.
 RUNS=${RUNS:-"qst spiel peqa3 peqa2 mezo1 mezo5 smezo1 smezo5 optim"}
 LIMIT=${LIMIT:-470}
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 QFT_CACHE=/tmp/qftcache HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
-mkdir -p /tmp/qftcache/gguf /tmp/res && cat /tmp/smollm2-a.part .kit/smollm2-b/part > /tmp/qftcache/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+G=/tmp/qftcache/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p /tmp/qftcache/gguf /tmp/res /tmp/work
+[ -s $G ] || cat /tmp/smollm2-a.part .kit/smollm2-b/part > $G
 M=$(python3 -c "from qft.models import default_model_path; print(default_model_path())" 2>/tmp/res/convert.log | tail -1)
 echo "model $M at $SECONDS s" > /tmp/res/main.log
 R="timeout $LIMIT python3 -m qft.bench.sst2 --model $M --data /tmp/sst2 --steps"
-Z="20000 --curve-every 500 --zo-objective label-words"
+Z="20000 --curve-every 500 --zo-objective label-words --work /tmp/work"
 for job in $RUNS; do
   case $job in
     qst) $R 300 --methods qst --out /tmp/res/qst.json > /tmp/res/qst.log 2>&1 & ;;

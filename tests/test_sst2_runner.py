@@ -37,3 +37,22 @@ def test_runner_records_accuracy_curves(tmp_path, objective):
     assert [s for s, _ in r["curve"]] == [2, 4] and all(0 <= a <= 100 for _, a in r["curve"])
     assert r["curve_examples"] == 8 and r["options"]["zo_objective"] == objective
     assert json.loads(out.read_text())["methods"]["mezo"]["curve"] == [list(p) for p in r["curve"]]
+
+
+def test_runner_continues_a_stopped_run_from_its_work_folder(tmp_path):
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("dev", 24)):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"sentence": " ".join(rng.choice("abcdef") for _ in range(5)),
+                                    "label": rng.randint(0, 1)}) + "\n")
+    model = save_tiny("llama", tmp_path / "model", extra_words=("terrible", "great"))
+    out, work = tmp_path / "r.json", tmp_path / "work"
+    common = dict(out=out, curve_every=2, curve_limit=8, work=work, extra={"mezo": {"save_steps": 2}})
+    first = run(str(model), tmp_path, ["mezo"], steps=2, **common)["methods"]["mezo"]
+    assert "error" not in first and [s for s, _ in first["curve"]] == [2]
+    assert (work / "mezo" / "checkpoints" / "checkpoint-2").is_dir()
+    second = run(str(model), tmp_path, ["mezo"], steps=4, **common)["methods"]["mezo"]
+    assert "error" not in second, second
+    assert second["options"]["resume"] == "auto" and [s for s, _ in second["curve"]] == [2, 4]
+    assert second["curve"][0] == first["curve"][0]  # the earlier point, read back from the JSON

@@ -93,7 +93,12 @@ ZO_METHODS = ("mezo", "sparse-mezo")
 
 def run(model: str, data_dir: Path, methods: list[str], steps: int, out: Path | None, lr: dict | None = None,
         extra: dict | None = None, curve_every: int = 0, curve_limit: int | None = None,
-        zo_objective: str = "loss") -> dict:
+        zo_objective: str = "loss", work: Path | None = None) -> dict:
+    """Run each method; ``work``: keep each method's output (checkpoints) in ``work/METHOD`` and continue from
+    its newest checkpoint when one is there (a run stopped at a time limit picks up where it stopped, its curve
+    so far read back from ``out``)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
     from qft.bench.shapes import environment
     from qft.io import write_json_atomic
     from qft.train import FinetuneConfig, finetune
@@ -101,11 +106,16 @@ def run(model: str, data_dir: Path, methods: list[str], steps: int, out: Path | 
     train_file, task = sst2_task(data_dir)
     results = {"protocol": __doc__.split("\n\n")[1], "model": model, "steps": steps, "batch": 16,
                "environment": environment(), "methods": {}}
+    earlier = json.loads(out.read_text())["methods"] if out is not None and out.exists() else {}
     for method in methods:
         t0 = time.time()
+        output = work / method if work else Path(tempfile.mkdtemp(prefix=f"qft-sst2-{method}-"))
         options = dict(model=model, data=str(train_file), method=method, max_steps=steps, batch_size=16,
-                       output=tempfile.mkdtemp(prefix=f"qft-sst2-{method}-"), overwrite=True, logging_steps=50,
+                       output=str(output), overwrite=True, logging_steps=50,
                        lora_r=8, **(extra or {}).get(method, {}))
+        last = get_last_checkpoint(str(output / "checkpoints")) if (output / "checkpoints").is_dir() else None
+        if last:
+            options["resume"] = "auto"
         if lr and method in lr:
             options["learning_rate"] = lr[method]
         if method in ZO_METHODS:
@@ -119,6 +129,9 @@ def run(model: str, data_dir: Path, methods: list[str], steps: int, out: Path | 
                 plot_curves(results, out.with_suffix(".png"))
 
         curve = AccuracyCurve(task, curve_every, curve_limit, save_partial) if curve_every else None
+        if curve and last:  # the points recorded before the checkpoint the run continues from
+            done = int(Path(last).name.rsplit("-", 1)[1])
+            curve.points = [tuple(p) for p in (earlier.get(method, {}).get("curve") or []) if p[0] <= done]
         try:
             r = finetune(FinetuneConfig(**options), log=print, progress=False, eval_task=task,
                          callbacks=[curve] if curve else None)
@@ -151,6 +164,8 @@ def main() -> None:
     ap.add_argument("--curve-limit", type=int, default=None, help="dev examples per curve point (default: all)")
     ap.add_argument("--zo-objective", default="loss", choices=("loss", "label-words"),
                     help="what MeZO/Sparse-MeZO's two forwards measure")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep each method's checkpoints in WORK/METHOD and continue from them when run again")
     ap.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
                     help="a finetune option for one method, e.g. spiel:density=lora:8 or peqa:bits=3 (repeatable)")
     a = ap.parse_args()
@@ -163,7 +178,7 @@ def main() -> None:
         extra.setdefault(method, {})[key.replace("-", "_")] = _scalar(value)
     lr = {k: float(v) for k, v in (kv.split("=") for kv in a.lr.split(",") if kv)}
     run(a.model, a.data, a.methods.split(","), a.steps, a.out, lr, extra=extra, curve_every=a.curve_every,
-        curve_limit=a.curve_limit, zo_objective=a.zo_objective)
+        curve_limit=a.curve_limit, zo_objective=a.zo_objective, work=a.work)
 
 
 def _scalar(text: str):
