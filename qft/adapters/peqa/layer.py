@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from qft.adapters.peqa.fused import fused_dequantize, fused_scale_gradient
 from qft.errors import QftError
-from qft.quant.intq import (centered_codes, check_bits, check_group_size, dequantize, n_groups, pack_bits,
-                            packed_nbytes, quantize_rtn, reduce_groups, unpack_bits)
+from qft.quant.intq import (check_bits, check_group_size, dequantize, n_groups, pack_bits, packed_nbytes,
+                            quantize_rtn, unpack_bits)
 
 
 def default_scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -88,8 +89,7 @@ class ScaleOnlyLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scales, packed, zeros, bias, meta):
         bits, group_size, out_f, in_f = meta
-        q = unpack_bits(packed, bits, out_f * in_f).view(out_f, in_f)
-        w = dequantize(q, scales, zeros, group_size, dtype=x.dtype)  # (out, in), dropped on return
+        w = fused_dequantize(packed, scales, zeros, *meta, x.dtype)  # (out, in), dropped on return
         ctx.save_for_backward(x, scales, packed, zeros)
         ctx.meta = meta
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -97,16 +97,14 @@ class ScaleOnlyLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, scales, packed, zeros = ctx.saved_tensors
-        bits, group_size, out_f, in_f = ctx.meta
+        bits, group_size, out_f, in_f = meta = ctx.meta
         grad_out = grad_out.to(x.dtype)  # under autocast the output (and its gradient) may be lower precision
-        q = unpack_bits(packed, bits, out_f * in_f).view(out_f, in_f)  # recomputed, never saved dense
         grad_x = grad_s = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize(q, scales, zeros, group_size, dtype=x.dtype)  # (..., in)
+        if ctx.needs_input_grad[0]:  # W recomputed from the packed integers, never saved dense
+            grad_x = grad_out @ fused_dequantize(packed, scales, zeros, *meta, x.dtype)  # (..., in)
         if ctx.needs_input_grad[1]:
             grad_w = grad_out.reshape(-1, out_f).T @ x.reshape(-1, in_f)  # (out, in)
-            grad_s = reduce_groups(grad_w * centered_codes(q, zeros, group_size, grad_w.dtype), group_size)
-            grad_s = grad_s.to(scales.dtype)  # (out, n_groups)
+            grad_s = fused_scale_gradient(grad_w, packed, zeros, *meta).to(scales.dtype)  # (out, n_groups)
         return grad_x, grad_s, None, None, None, None
 
 

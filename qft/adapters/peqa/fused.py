@@ -1,0 +1,67 @@
+"""PEQA's fast GPU path: the unpack + dequantize of the forward and the scale gradient of the backward, each
+compiled by ``torch.compile`` (TorchInductor) into fused kernels.
+
+In plain PyTorch each of them is a chain of full-size temporaries (int32 words, shifted codes, expanded zero
+points and scales, the product with the weight gradient): several memory passes over every weight, three
+times per step. Compiled, each is one or two passes. The plain functions stay the reference; the tests run
+both, compiled on the CPU too, and compare.
+
+``QFT_PEQA_COMPILE``: ``auto`` (default: compiled on CUDA, plain on CPU, where compiling costs more than it
+saves on small layers), ``1`` (always), ``0`` (never). A compilation failure logs one warning and falls back
+to the plain functions for the rest of the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from qft.quant.intq import centered_codes, dequantize, reduce_groups, unpack_bits
+
+log = logging.getLogger("qft.peqa")
+
+
+def dequantize_packed(packed, scales, zeros, bits: int, group_size: int, out_f: int, in_f: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """``s · (q − z)`` (out, in) in ``dtype`` straight from the packed integers."""
+    q = unpack_bits(packed, bits, out_f * in_f).view(out_f, in_f)
+    return dequantize(q, scales, zeros, group_size, dtype)
+
+
+def scale_gradient(grad_w, packed, zeros, bits: int, group_size: int, out_f: int, in_f: int) -> torch.Tensor:
+    """``∂L/∂s = Σ_group ∂L/∂W ⊙ (q − z)``, (out, n_groups), from the weight gradient and the packed integers."""
+    q = unpack_bits(packed, bits, out_f * in_f).view(out_f, in_f)
+    return reduce_groups(grad_w * centered_codes(q, zeros, group_size, grad_w.dtype), group_size)
+
+
+def wanted(device: torch.device) -> bool:
+    mode = os.environ.get("QFT_PEQA_COMPILE", "auto").lower()
+    if mode in ("0", "false", "no", "off"):
+        return False
+    return mode in ("1", "true", "yes", "on") or device.type == "cuda"
+
+
+class Compiled:
+    """``fn`` through ``torch.compile`` where :func:`wanted`, the plain ``fn`` elsewhere or after a failure."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled, self.failed = fn, None, False
+
+    def __call__(self, *args):
+        if self.failed or not wanted(args[0].device):
+            return self.fn(*args)
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, dynamic=False)
+            return self.compiled(*args)
+        except Exception as exc:  # a missing compiler or an Inductor bug must not stop training
+            self.failed = True
+            log.warning("PEQA: torch.compile of %s failed (%s: %s); using plain PyTorch", self.fn.__name__,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return self.fn(*args)
+
+
+fused_dequantize = Compiled(dequantize_packed)
+fused_scale_gradient = Compiled(scale_gradient)
