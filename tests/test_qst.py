@@ -184,11 +184,26 @@ def test_unsupported_architectures_get_a_one_line_error():
 @pytest.mark.parametrize("kw, needle", [
     ({"r": 0}, "at least 1"), ({"downsample": "conv"}, "unknown QST downsample"), ({"dropout": 1.5}, "dropout"),
     ({"activation": "nope"}, "unknown activation"), ({"task_type": "SEQ_CLS"}, "CAUSAL_LM"),
-    ({"num_heads": 3}, "not divisible"), ({"r": 128}, "is 0"),
+    ({"num_heads": 3}, "not divisible"), ({"r": 128}, "is 0"), ({"output_gate_scale": 0}, "output_gate_scale"),
 ])
 def test_bad_options(kw, needle):
     with pytest.raises(QftError, match=needle):
         get_peft_model(tiny_model("llama"), QstConfig(**{"r": 4, **kw}))
+
+
+def test_output_gate_is_stored_scaled_down():
+    """out = (1 - beta) h_L + beta up(side), beta = output_gate_scale x the stored parameter."""
+    model = get_peft_model(tiny_model("llama"), QstConfig(r=4, output_gate_scale=10.0))
+    net = model.base_model.model.qst_side.qst_net["default"]
+    x = tiny_inputs(model)
+    base = logits(model, x)
+    with torch.no_grad():
+        net.beta.fill_(0.1)  # beta = 1: the head reads the side network alone
+        side_only = logits(model, x)
+        net.output_gate_scale = 1.0  # the same parameter, unscaled: beta = 0.1
+        mixed = logits(model, x)
+    # the head is linear, so the logits mix like the states: 0.9 base + 0.1 side
+    torch.testing.assert_close(mixed, 0.9 * base + 0.1 * side_only, atol=1e-4, rtol=1e-4)
 
 
 def test_pool_matches_reference():

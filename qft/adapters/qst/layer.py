@@ -11,7 +11,9 @@ replaces it, so it goes into the LLM's frozen LM head. The side width is hidden 
 alpha = 1 - beta starts at 1, so at initialisation the model's output is exactly the LLM's (the reference
 code instead starts a per-dimension sigmoid gate at sigmoid(1) = 0.73, which does not reproduce the LLM at
 step 0). It is stored as beta, starting at 0, because TRL casts a quantized model's trainable parameters to
-bf16, whose spacing near 1 (2^-8) would swallow updates to alpha smaller than about 2e-3.
+bf16, whose spacing near 1 (2^-8) would swallow updates to alpha smaller than about 2e-3; and it is stored
+divided by ``output_gate_scale`` (10), so that Adam, whose steps are about the learning rate whatever the
+gradient's size, moves this one scalar faster than the side network's weights.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ class SideNetwork(nn.Module):
         self.blocks = nn.ModuleList(SideBlock(width, heads, cfg.mlp_ratio, cfg.dropout) for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)
         self.up = nn.Linear(width, out_dim)
-        self.beta = nn.Parameter(torch.zeros(()))  # output mix, 1 - the paper's alpha; 0 = the LLM alone
+        self.beta = nn.Parameter(torch.zeros(()))  # output mix / output_gate_scale; 0 = the LLM alone
+        self.output_gate_scale = float(cfg.output_gate_scale)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, hidden_states, final: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -120,7 +123,8 @@ class SideNetwork(nn.Module):
             side = block((1 - gates[i]) * down + gates[i] * side, mask)
         up = self.up(self.norm(side)).to(final.device, final.dtype)
         # (1 - beta) * h_L + beta * up, in h_L's precision: exactly h_L while beta is 0, even for a bf16 side network
-        return final + self.beta.to(final.dtype) * (up - final)
+        beta = self.beta * self.output_gate_scale
+        return final + beta.to(final.dtype) * (up - final)
 
 
 class QstLayer(nn.Module, BaseTunerLayer):
