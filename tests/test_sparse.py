@@ -224,3 +224,19 @@ def test_autograd_under_bf16_autocast():
     ref = sparse_delta_linear_reference(x.detach(), w0, None, [v0], [idx], (24, 40))
     # weights and output are rounded to bf16 (relative step 2^-8 = 0.0039)
     torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=2e-2)
+
+
+def test_probe_under_bf16_autocast_is_float32_from_a_bf16_product():
+    """RigL's dense gradient: one matmul in the compute dtype (bf16), handed over as float32."""
+    idx, v0 = _delta(24, 40, 90)
+    x = torch.randn(2, 5, 40).bfloat16().requires_grad_()
+    v = v0.clone().requires_grad_()
+    seen = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparse_delta_linear(x, lambda: torch.randn(24, 40), None, [v], [idx], [seen.append])
+    g = torch.randn_like(y)
+    (y.float() * g.float()).sum().backward()
+    ref = g.float().reshape(-1, 24).T @ x.detach().float().reshape(-1, 40)
+    assert seen[0].dtype == torch.float32
+    torch.testing.assert_close(seen[0], ref, atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(v.grad, ref.reshape(-1)[idx], atol=5e-2, rtol=2e-2)
