@@ -29,13 +29,15 @@ def main():
     ap.add_argument("--downsample", default="lora", choices=DOWNSAMPLE_KINDS)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--output-gate-scale", type=float, default=10.0,
+                    help="the output gate is stored divided by this (Adam moves it this much faster)")
     ap.add_argument("--output", default="qst-out")
     a = ap.parse_args()
 
     path = str(default_model_path())
     tok = load_tokenizer(path)
     model = load_base(path, QuantSettings())  # NF4, double quantization; keeps bnb's layout on CPU
-    model = get_peft_model(model, QstConfig(r=a.r, downsample=a.downsample))
+    model = get_peft_model(model, QstConfig(r=a.r, downsample=a.downsample, output_gate_scale=a.output_gate_scale))
     model.print_trainable_parameters()
     train, task = default_task(seed=0)
     trainer = SFTTrainer(model=model, train_dataset=train, processing_class=tok,

@@ -121,10 +121,11 @@ class SideNetwork(nn.Module):
         for i, block in enumerate(self.blocks):
             down = self.drop(self.down[i + 1](hidden_states[i + 1].to(device, dtype)))
             side = block((1 - gates[i]) * down + gates[i] * side, mask)
-        up = self.up(self.norm(side)).to(final.device, final.dtype)
-        # (1 - beta) * h_L + beta * up, in h_L's precision: exactly h_L while beta is 0, even for a bf16 side network
-        beta = self.beta * self.output_gate_scale
-        return final + beta.to(final.dtype) * (up - final)
+        up = self.up(self.norm(side))
+        # (1 - beta) * h_L + beta * up, in the side network's precision, then h_L's: exactly h_L while beta is 0
+        h = final.to(device, dtype)
+        mixed = h + (self.beta * self.output_gate_scale) * (up - h)
+        return mixed.to(final.device, final.dtype)
 
 
 class QstLayer(nn.Module, BaseTunerLayer):
