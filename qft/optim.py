@@ -25,6 +25,7 @@ where transformers has no name for it, to a maintained PyPI implementation hande
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
@@ -191,6 +192,7 @@ class QGaLoreFactory:
         return qgalore_adamw8bit_class()(groups, lr=lr, weight_decay=weight_decay)
 
 
+@functools.cache
 def qgalore_adamw8bit_class():
     """q-galore-torch's ``QGaLoreAdamW8bit``, constructed and updated through bitsandbytes 0.50's API."""
     from bitsandbytes.optim.optimizer import Optimizer2State

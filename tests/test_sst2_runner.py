@@ -3,33 +3,31 @@
 import json
 import random
 
+import pytest
+
 from qft.bench.sst2 import run
 from tests.tiny import save_tiny
 
 
-import pytest
-
-
-@pytest.mark.parametrize("objective", ["loss", "label-words"])
-def test_runner_records_accuracy_curves(tmp_path, objective):
+def _sst2_like(tmp_path):
+    """SST-2-format train/dev files in ``tmp_path`` and a tiny model that knows the label words."""
     rng = random.Random(0)
     for split, n in (("train", 64), ("dev", 24)):
         with open(tmp_path / f"{split}.jsonl", "w") as f:
             for _ in range(n):
                 f.write(json.dumps({"sentence": " ".join(rng.choice("abcdef") for _ in range(5)),
                                     "label": rng.randint(0, 1)}) + "\n")
-    model = save_tiny("llama", tmp_path / "model", extra_words=("terrible", "great"))
+    return save_tiny("llama", tmp_path / "model", extra_words=("terrible", "great"))
+
+
+@pytest.mark.parametrize("objective", ["loss", "label-words"])
+def test_runner_records_accuracy_curves(tmp_path, objective, monkeypatch):
+    model = _sst2_like(tmp_path)
     out = tmp_path / "r.json"
     seen = []
-    import qft.bench.sst2 as sst2
-
-    real = sst2.plot_curves
-    sst2.plot_curves = lambda results, png: seen.append(json.loads(json.dumps(results["methods"]["mezo"])))
-    try:
-        res = run(str(model), tmp_path, ["mezo"], steps=4, out=out, curve_every=2, curve_limit=8,
-                  zo_objective=objective)
-    finally:
-        sst2.plot_curves = real
+    monkeypatch.setattr("qft.bench.sst2.plot_curves",
+                        lambda results, png: seen.append(json.loads(json.dumps(results["methods"]["mezo"]))))
+    res = run(str(model), tmp_path, ["mezo"], steps=4, out=out, curve_every=2, curve_limit=8, zo_objective=objective)
     # the partial curve is saved at every point, so a run stopped at a time limit keeps it
     assert [len(p["curve"]) for p in seen[:2]] == [1, 2] and seen[0]["partial"]
     r = res["methods"]["mezo"]
@@ -40,13 +38,7 @@ def test_runner_records_accuracy_curves(tmp_path, objective):
 
 
 def test_runner_continues_a_stopped_run_from_its_work_folder(tmp_path):
-    rng = random.Random(0)
-    for split, n in (("train", 64), ("dev", 24)):
-        with open(tmp_path / f"{split}.jsonl", "w") as f:
-            for _ in range(n):
-                f.write(json.dumps({"sentence": " ".join(rng.choice("abcdef") for _ in range(5)),
-                                    "label": rng.randint(0, 1)}) + "\n")
-    model = save_tiny("llama", tmp_path / "model", extra_words=("terrible", "great"))
+    model = _sst2_like(tmp_path)
     out, work = tmp_path / "r.json", tmp_path / "work"
     common = dict(out=out, curve_every=2, curve_limit=8, work=work, extra={"mezo": {"save_steps": 2}})
     first = run(str(model), tmp_path, ["mezo"], steps=2, **common)["methods"]["mezo"]
