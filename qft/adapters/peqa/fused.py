@@ -1,5 +1,5 @@
-"""PEQA's fast GPU path: the unpack + dequantize of the forward and the scale gradient of the backward, each
-compiled by ``torch.compile`` (TorchInductor) into fused kernels.
+"""PEQA's fast GPU path: the unpack + dequantize of the forward and the input and scale gradients of the
+backward, each compiled by ``torch.compile`` (TorchInductor) into fused kernels.
 
 In plain PyTorch each of them is a chain of full-size temporaries (int32 words, shifted codes, expanded zero
 points and scales, the product with the weight gradient): several memory passes over every weight, three
@@ -30,10 +30,18 @@ def dequantize_packed(packed, scales, zeros, bits: int, group_size: int, out_f: 
     return dequantize(q, scales, zeros, group_size, dtype)
 
 
-def scale_gradient(grad_w, packed, zeros, bits: int, group_size: int, out_f: int, in_f: int) -> torch.Tensor:
-    """``∂L/∂s = Σ_group ∂L/∂W ⊙ (q − z)``, (out, n_groups), from the weight gradient and the packed integers."""
+def scale_only_backward(grad_out, x, scales, packed, zeros, bits: int, group_size: int, out_f: int, in_f: int,
+                        need_x: bool, need_s: bool):
+    """(∂L/∂x, ∂L/∂s) of ``F.linear(x, s · (q − z))``, unpacking the integers once for both:
+    ``∂L/∂x = grad_out · W`` and ``∂L/∂s = Σ_group (grad_outᵀ · x) ⊙ (q − z)``, (out, n_groups)."""
     q = unpack_bits(packed, bits, out_f * in_f).view(out_f, in_f)
-    return reduce_groups(grad_w * centered_codes(q, zeros, group_size, grad_w.dtype), group_size)
+    grad_x = grad_s = None
+    if need_x:
+        grad_x = grad_out @ dequantize(q, scales, zeros, group_size, x.dtype)  # (..., in)
+    if need_s:
+        grad_w = grad_out.reshape(-1, out_f).T @ x.reshape(-1, in_f)  # (out, in)
+        grad_s = reduce_groups(grad_w * centered_codes(q, zeros, group_size, grad_w.dtype), group_size)
+    return grad_x, grad_s
 
 
 def wanted(device: torch.device) -> bool:
@@ -64,4 +72,4 @@ class Compiled:
 
 
 fused_dequantize = Compiled(dequantize_packed)
-fused_scale_gradient = Compiled(scale_gradient)
+fused_backward = Compiled(scale_only_backward)

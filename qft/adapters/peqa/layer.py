@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from qft.adapters.peqa.fused import fused_dequantize, fused_scale_gradient
+from qft.adapters.peqa.fused import fused_backward, fused_dequantize
 from qft.errors import QftError
 from qft.quant.intq import (check_bits, check_group_size, dequantize, n_groups, pack_bits, packed_nbytes,
                             quantize_rtn, unpack_bits)
@@ -88,7 +88,6 @@ class ScaleOnlyLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scales, packed, zeros, bias, meta):
-        bits, group_size, out_f, in_f = meta
         w = fused_dequantize(packed, scales, zeros, *meta, x.dtype)  # (out, in), dropped on return
         ctx.save_for_backward(x, scales, packed, zeros)
         ctx.meta = meta
@@ -97,14 +96,12 @@ class ScaleOnlyLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, scales, packed, zeros = ctx.saved_tensors
-        bits, group_size, out_f, in_f = meta = ctx.meta
+        meta = ctx.meta  # bits, group_size, out_features, in_features
         grad_out = grad_out.to(x.dtype)  # under autocast the output (and its gradient) may be lower precision
-        grad_x = grad_s = None
-        if ctx.needs_input_grad[0]:  # W recomputed from the packed integers, never saved dense
-            grad_x = grad_out @ fused_dequantize(packed, scales, zeros, *meta, x.dtype)  # (..., in)
-        if ctx.needs_input_grad[1]:
-            grad_w = grad_out.reshape(-1, out_f).T @ x.reshape(-1, in_f)  # (out, in)
-            grad_s = fused_scale_gradient(grad_w, packed, zeros, *meta).to(scales.dtype)  # (out, n_groups)
+        # W recomputed from the packed integers, never saved dense
+        grad_x, grad_s = fused_backward(grad_out, x, scales, packed, zeros, *meta, ctx.needs_input_grad[0],
+                                        ctx.needs_input_grad[1])
+        grad_s = None if grad_s is None else grad_s.to(scales.dtype)  # (out, n_groups)
         return grad_x, grad_s, None, None, None, None
 
 
