@@ -1,36 +1,53 @@
 # SST-2 quality runs on one GPU (SmolLM2-135M-Instruct, ../shared/DATA.md protocol) in parallel processes,
-# plus the optimizer-state benchmark (memory only, so parallel runs do not disturb it). Expects the kit laid
-# out as in ../shared/gpu (wheels in /tmp/site, /tmp/smollm2-a.part, /tmp/sst2). RUNS picks the jobs:
-#   qst spiel peqa3 peqa2 (300 steps), mezo1 mezo5 smezo1 smezo5 (MeZO / Sparse-MeZO curves, label-word
-#   objective, lr 1e-6 / 5e-6, as many steps as fit in LIMIT seconds), optim.
+# plus, optionally, the 8B-shape speed benchmarks on another GPU. Expects the kit laid out as in ../shared/gpu
+# (wheels in /tmp/site, /tmp/smollm2-a.part, /tmp/sst2). RUNS picks the jobs, each NAME or NAME:LR:
+#   qst spiel peqa3 peqa2 (300 steps), mezo smezo (MeZO / Sparse-MeZO curves, label-word objective,
+#   ZSTEPS-step cosine schedule, as many steps as fit in LIMIT seconds), optim (optimizer-state benchmark).
+#   e.g. RUNS="qst spiel:1e-3 mezo:1e-5 smezo:2e-5"
+# BENCH="qst peqa mezo" runs `qft bench SUITE --shape llama3-8b` one after another on GPU BENCH_GPU while the
+# SST-2 jobs use GPU SST2_GPU (give both the same number on a one-GPU machine; the speed ratios then suffer).
 # The ZO jobs keep checkpoints in /tmp/work: the same command again, while the machine is still warm, continues
 # them from where the time limit stopped them (the curve so far is read back from /tmp/res).
 # Results (JSON + logs) end up in $OUT/sst2-runs.tgz. Each process gets 2 CPU threads: nine processes with
 # torch's default (all cores each) starved one another on the first try.
-RUNS=${RUNS:-"qst spiel peqa3 peqa2 mezo1 mezo5 smezo1 smezo5 optim"}
+RUNS=${RUNS:-"qst spiel peqa3 peqa2 mezo:1e-6 mezo:5e-6 smezo:1e-6 smezo:5e-6 optim"}
 LIMIT=${LIMIT:-470}
+ZSTEPS=${ZSTEPS:-20000}
+SST2_GPU=${SST2_GPU:-0}
+BENCH_GPU=${BENCH_GPU:-0}
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 QFT_CACHE=/tmp/qftcache HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
 G=/tmp/qftcache/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p /tmp/qftcache/gguf /tmp/res /tmp/work
 [ -s $G ] || cat /tmp/smollm2-a.part .kit/smollm2-b/part > $G
 M=$(python3 -c "from qft.models import default_model_path; print(default_model_path())" 2>/tmp/res/convert.log | tail -1)
-echo "model $M at $SECONDS s" > /tmp/res/main.log
+echo "model $M at $SECONDS s" >> /tmp/res/main.log
 R="timeout $LIMIT python3 -m qft.bench.sst2 --model $M --data /tmp/sst2 --steps"
-Z="20000 --curve-every 500 --zo-objective label-words --work /tmp/work"
-for job in $RUNS; do
+Z="$ZSTEPS --curve-every 500 --zo-objective label-words"
+export CUDA_VISIBLE_DEVICES=$SST2_GPU
+for run in $RUNS; do
+  job=${run%%:*}; lr=${run#*:}; [ "$lr" = "$run" ] && lr=""
+  name=$job${lr:+-$lr}
   case $job in
-    qst) $R 300 --methods qst --out /tmp/res/qst.json > /tmp/res/qst.log 2>&1 & ;;
-    spiel) $R 300 --methods spiel --option spiel:density=lora:8 --out /tmp/res/spiel.json > /tmp/res/spiel.log 2>&1 & ;;
-    peqa3) $R 300 --methods peqa --option peqa:bits=3 --out /tmp/res/peqa3.json > /tmp/res/peqa3.log 2>&1 & ;;
-    peqa2) $R 300 --methods peqa --option peqa:bits=2 --out /tmp/res/peqa2.json > /tmp/res/peqa2.log 2>&1 & ;;
-    mezo1) $R $Z --methods mezo --lr mezo=1e-6 --out /tmp/res/mezo-1e-6.json > /tmp/res/mezo-1e-6.log 2>&1 & ;;
-    mezo5) $R $Z --methods mezo --lr mezo=5e-6 --out /tmp/res/mezo-5e-6.json > /tmp/res/mezo-5e-6.log 2>&1 & ;;
-    smezo1) $R $Z --methods sparse-mezo --lr sparse-mezo=1e-6 --out /tmp/res/smezo-1e-6.json > /tmp/res/smezo-1e-6.log 2>&1 & ;;
-    smezo5) $R $Z --methods sparse-mezo --lr sparse-mezo=5e-6 --out /tmp/res/smezo-5e-6.json > /tmp/res/smezo-5e-6.log 2>&1 & ;;
+    qst) $R 300 --methods qst ${lr:+--lr qst=$lr} --out /tmp/res/$name.json > /tmp/res/$name.log 2>&1 & ;;
+    spiel) $R 300 --methods spiel ${lr:+--lr spiel=$lr} --option spiel:density=lora:8 --out /tmp/res/$name.json \
+             > /tmp/res/$name.log 2>&1 & ;;
+    peqa3) $R 300 --methods peqa --option peqa:bits=3 --out /tmp/res/$name.json > /tmp/res/$name.log 2>&1 & ;;
+    peqa2) $R 300 --methods peqa --option peqa:bits=2 --out /tmp/res/$name.json > /tmp/res/$name.log 2>&1 & ;;
+    mezo) $R $Z --work /tmp/work/$name --methods mezo --lr mezo=${lr:-5e-6} --out /tmp/res/$name.json > /tmp/res/$name.log 2>&1 & ;;
+    smezo) $R $Z --work /tmp/work/$name --methods sparse-mezo --lr sparse-mezo=${lr:-5e-6} --out /tmp/res/$name.json \
+             > /tmp/res/$name.log 2>&1 & ;;
     optim) QFT_BENCH_DIR=/tmp timeout 400 python3 -m qft.cli bench optim --shape tinyllama-1.1b \
              --out /tmp/res/optim-tinyllama-1.1b.json > /tmp/res/optim-1.1b.log 2>&1 & ;;
   esac
 done
+if [ -n "$BENCH" ]; then
+  (export CUDA_VISIBLE_DEVICES=$BENCH_GPU QFT_BENCH_DIR=/tmp
+   for suite in $BENCH; do
+     [ -s /tmp/res/$suite-llama3-8b.json ] && continue  # done in an earlier call
+     timeout $((LIMIT - SECONDS)) python3 -m qft.cli bench $suite --shape llama3-8b \
+       --out /tmp/res/$suite-llama3-8b.json > /tmp/res/$suite-8b.log 2>&1
+   done) &
+fi
 wait
 echo "done at $SECONDS s" >> /tmp/res/main.log
 nvidia-smi --query-gpu=name --format=csv >> /tmp/res/main.log
