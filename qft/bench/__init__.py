@@ -48,10 +48,12 @@ SUITES = {
         "inference": "two bf16 forward passes (the floor a ZO step is measured against)",
         "mezo-plain": "MeZO's reference loop: in-place per-tensor +eps, fwd, -2eps, fwd, +eps, update",
         "qft-mezo": "qft: perturbation inside each module's forward, bucketed _foreach update",
+        "qft-sparse-mezo": "qft Sparse-MeZO, density 0.2 of every linear layer (deltas of the smallest weights)",
     },
 }
 # which stock path each qft path is compared with (default: every path that does not start with "qft")
-BASELINES = {"qft-spiel-nf4": ("stock-trl",), "qft-spiel-bf16": ("stock-lora-bf16",)}
+BASELINES = {"qft-spiel-nf4": ("stock-trl",), "qft-spiel-bf16": ("stock-lora-bf16",),
+             "qft-sparse-mezo": ("inference", "qft-mezo")}
 WORKERS = {"qlora": "qft.bench.worker", "peqa": "qft.bench.worker", "qst": "qft.bench.worker",
            "spiel": "qft.bench.worker", "mezo": "qft.bench.zo_worker",
            "optim": "qft.bench.optim_worker"}

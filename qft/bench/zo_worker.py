@@ -2,7 +2,8 @@
 
 Paths: ``inference`` (two forward passes, the floor a ZO step is measured against), ``mezo-plain`` (the
 reference per-tensor in-place loop: +eps, forward, -2eps, forward, +eps, update; as MeZO's code does it),
-``qft-mezo`` (qft: perturbation inside the forward, bucketed ``_foreach`` update).
+``qft-mezo`` (qft: perturbation inside the forward, bucketed ``_foreach`` update), ``qft-sparse-mezo`` (qft
+Sparse-MeZO at density 0.2 over every linear layer: the perturbed values are the selected entries' deltas).
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ def main() -> None:
     model.eval()
     ids = torch.randint(10, model.config.vocab_size, (a.batch, a.seq), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
-    params = [p for p in model.parameters()]
+    if a.path == "qft-sparse-mezo":
+        from peft import get_peft_model
+
+        from qft import SparseMezoConfig
+
+        model = get_peft_model(model, SparseMezoConfig(density=0.2, target_modules="all-linear"))
+    params = [p for p in model.parameters() if p.requires_grad or a.path != "qft-sparse-mezo"]
     loss_fn = lambda: model(input_ids=ids, labels=ids, use_cache=False).loss  # noqa: E731
     opt = ZoSGD(params, lr=1e-7, seed=0)
 
@@ -63,7 +70,8 @@ def main() -> None:
         opt.record(seed, g.item())
         opt.step()
 
-    step = {"inference": step_inference, "mezo-plain": step_plain, "qft-mezo": step_qft}[a.path]
+    step = {"inference": step_inference, "mezo-plain": step_plain, "qft-mezo": step_qft,
+            "qft-sparse-mezo": step_qft}[a.path]
     for _ in range(a.warmup):
         step()
     if cuda:
