@@ -58,7 +58,7 @@ def test_shared_checks(case, check, tmp_path):
 # --- the layer -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits,group_size,in_f", [(2, 0, 64), (3, 16, 64), (4, 32, 64), (3, 24, 40)])
+@pytest.mark.parametrize("bits,group_size,in_f", [(2, 0, 64), (4, 0, 40), (3, 16, 64), (4, 32, 64), (3, 24, 40)])
 def test_scale_gradient_matches_autograd_in_float64(bits, group_size, in_f):
     g = torch.Generator().manual_seed(bits * 100 + group_size)
     w = torch.randn(24, in_f, generator=g, dtype=torch.float64)
@@ -91,6 +91,17 @@ def test_backward_keeps_no_dense_weight():
     assert all(tuple(t.shape) != (96, 128) for t in saved)
     assert any(t.dtype == torch.uint8 and t.numel() == 96 * 128 * 3 // 8 for t in saved)  # 3 bits per weight
     assert peqa.peqa_scales["default"].grad is not None
+
+
+def test_per_channel_backward_keeps_the_output_not_the_input():
+    """One scale per row: the scale gradient is reduced from the saved output, so the input is not kept."""
+    layer = IntLinear.from_linear(torch.nn.Linear(128, 96), bits=4, group_size=0)
+    x = torch.randn(4, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        PeqaLinear(layer, "default")(x).sum().backward()
+    shapes = [tuple(t.shape) for t in saved]
+    assert (4, 96) in shapes and (4, 128) not in shapes and (96, 128) not in shapes
 
 
 def test_training_changes_only_the_scales_and_the_adapter_holds_only_scales(tmp_path):

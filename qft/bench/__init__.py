@@ -29,6 +29,7 @@ SUITES = {
         "stock-peft": "peft docs QLoRA: bnb NF4 + prepare_model_for_kbit_training + get_peft_model, TRL SFTTrainer",
         "stock-trl": "TRL docs QLoRA: bnb NF4 model + SFTTrainer(peft_config=LoraConfig)",
         "qft-peqa": "qft PEQA: 4-bit integers in groups of 128, only the scales train, SFTTrainer(peft_config)",
+        "qft-peqa-channel": "qft PEQA, one scale per output channel (the paper's default): no weight-gradient matmul",
     },
     "qst": {
         "stock-peft": "peft docs QLoRA: bnb NF4 + prepare_model_for_kbit_training + get_peft_model, TRL SFTTrainer",

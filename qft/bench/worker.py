@@ -91,11 +91,12 @@ def main() -> None:
             a.model, quantization_config=quant.bnb_config(), dtype=quant.resolved_compute_dtype(),
             device_map={"": 0} if cuda else None)
         peft_config = lora
-    elif a.path == "qft-peqa":
+    elif a.path.startswith("qft-peqa"):
         from qft.adapters.peqa import PeqaConfig
 
         model = load_base(a.model, None, dtype=torch.bfloat16 if cuda else torch.float32)
-        peft_config = PeqaConfig(bits=a.bits, group_size=128, task_type="CAUSAL_LM")
+        group_size = 0 if a.path == "qft-peqa-channel" else 128
+        peft_config = PeqaConfig(bits=a.bits, group_size=group_size, task_type="CAUSAL_LM")
     elif a.path == "stock-lora-bf16":
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if cuda else torch.float32,
                                                      device_map={"": 0} if cuda else None)

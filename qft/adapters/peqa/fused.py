@@ -6,6 +6,9 @@ points and scales, the product with the weight gradient): several memory passes 
 times per step. Compiled, each is one or two passes. The plain functions stay the reference; the tests run
 both, compiled on the CPU too, and compare.
 
+With one scale per output channel the scale gradient needs no weight-gradient product at all
+(:func:`channel_backward`): the backward is one matmul, as in a frozen layer.
+
 ``QFT_PEQA_COMPILE``: ``auto`` (default: compiled on CUDA, plain on CPU, where compiling costs more than it
 saves on small layers), ``1`` (always), ``0`` (never). A compilation failure logs one warning and falls back
 to the plain functions for the rest of the process.
@@ -44,6 +47,25 @@ def scale_only_backward(grad_out, x, scales, packed, zeros, bits: int, group_siz
     return grad_x, grad_s
 
 
+def channel_backward(grad_out, y, bias, scales, packed, zeros, bits: int, out_f: int, in_f: int, need_x: bool,
+                     need_s: bool):
+    """The same two gradients for one scale per output channel (``group_size=0``, the paper's default), from
+    the layer's saved *output* instead of its input: ``y = s ⊙ (x · (q − z)ᵀ) + b``, so
+    ``∂L/∂s = Σ_tokens grad_out ⊙ (y − b) / s`` - a reduction over the output, no weight-gradient matmul.
+    (Scales are never 0: the quantizer floors them at the dtype's smallest normal number.)"""
+    grad_x = grad_s = None
+    if need_x:
+        q = unpack_bits(packed, bits, out_f * in_f).view(out_f, in_f)
+        grad_x = grad_out @ dequantize(q, scales, zeros, 0, grad_out.dtype)
+    if need_s:
+        acc = torch.promote_types(y.dtype, torch.float32)  # float32 sums for bf16/fp16 outputs
+        u = y.reshape(-1, out_f).to(acc)
+        if bias is not None:
+            u = u - bias.to(acc)
+        grad_s = (grad_out.reshape(-1, out_f).to(acc) * u).sum(dim=0)[:, None] / scales.to(acc)
+    return grad_x, grad_s
+
+
 def wanted(device: torch.device) -> bool:
     mode = os.environ.get("QFT_PEQA_COMPILE", "auto").lower()
     if mode in ("0", "false", "no", "off"):
@@ -73,3 +95,4 @@ class Compiled:
 
 fused_dequantize = Compiled(dequantize_packed)
 fused_backward = Compiled(scale_only_backward)
+fused_channel_backward = Compiled(channel_backward)

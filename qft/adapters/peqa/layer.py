@@ -6,7 +6,9 @@ tensor per adapter, ``peqa_scales[adapter]`` of shape (out, n_groups), initialis
 
 The forward dequantizes one layer at a time, ``W = s · (q − z)``; the dense ``W`` is never kept between
 forward and backward: :class:`ScaleOnlyLinear` saves the packed integers and recomputes ``q`` in backward,
-where ``∂L/∂s = Σ_group (∂L/∂W ⊙ (q − z))`` and ``∂L/∂W = grad_out^T · x`` (Kim et al., 2023, eq. 2).
+where ``∂L/∂s = Σ_group (∂L/∂W ⊙ (q − z))`` and ``∂L/∂W = grad_out^T · x`` (Kim et al., 2023, eq. 2). With
+one scale per output channel that sum is ``Σ_tokens grad_out ⊙ (y − b) / s``, taken from the saved output
+with no weight-gradient product (the input is then not saved at all).
 :func:`scale_only_linear_reference` is the same layer through plain autograd, the reference in the tests.
 """
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from qft.adapters.peqa.fused import fused_backward, fused_dequantize
+from qft.adapters.peqa.fused import fused_backward, fused_channel_backward, fused_dequantize
 from qft.errors import QftError
 from qft.quant.intq import (check_bits, check_group_size, dequantize, n_groups, pack_bits, packed_nbytes,
                             quantize_rtn, unpack_bits)
@@ -89,18 +91,28 @@ class ScaleOnlyLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scales, packed, zeros, bias, meta):
         w = fused_dequantize(packed, scales, zeros, *meta, x.dtype)  # (out, in), dropped on return
-        ctx.save_for_backward(x, scales, packed, zeros)
-        ctx.meta = meta
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        ctx.meta, ctx.x_dtype = meta, x.dtype
+        ctx.per_channel = meta[1] == 0
+        if ctx.per_channel:  # the scale gradient comes from the output (see channel_backward); x is not kept
+            ctx.save_for_backward(y, bias, scales, packed, zeros)
+        else:
+            ctx.save_for_backward(x, scales, packed, zeros)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, scales, packed, zeros = ctx.saved_tensors
-        meta = ctx.meta  # bits, group_size, out_features, in_features
-        grad_out = grad_out.to(x.dtype)  # under autocast the output (and its gradient) may be lower precision
+        bits, group_size, out_f, in_f = ctx.meta
+        grad_out = grad_out.to(ctx.x_dtype)  # under autocast the output (and its gradient) may be lower precision
+        need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # W recomputed from the packed integers, never saved dense
-        grad_x, grad_s = fused_backward(grad_out, x, scales, packed, zeros, *meta, ctx.needs_input_grad[0],
-                                        ctx.needs_input_grad[1])
+        if ctx.per_channel:
+            y, bias, scales, packed, zeros = ctx.saved_tensors
+            grad_x, grad_s = fused_channel_backward(grad_out, y, bias, scales, packed, zeros, bits, out_f, in_f,
+                                                    need_x, need_s)
+        else:
+            x, scales, packed, zeros = ctx.saved_tensors
+            grad_x, grad_s = fused_backward(grad_out, x, scales, packed, zeros, *ctx.meta, need_x, need_s)
         grad_s = None if grad_s is None else grad_s.to(scales.dtype)  # (out, n_groups)
         return grad_x, grad_s, None, None, None, None
 
