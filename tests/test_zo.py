@@ -165,3 +165,16 @@ def test_non_differentiable_objective_drives_the_estimate(tmp_path):
     expected = [(-calls[2 * k] + calls[2 * k + 1]) / 2e-3 for k in range(3)]
     assert trainer._zo_last_g == pytest.approx(expected, rel=1e-6)  # no log fired in 3 steps: all kept
     assert logged.zo_state["t"] == 3
+
+
+def test_perturbation_runs_per_decoder_layer():
+    """Parameters inside a ModuleList's child are swapped by that child's forward (one launch per layer on
+    a GPU); parameters outside any layer stack by their own module's."""
+    from qft.zo.spsa import _runner
+
+    model = torch.nn.Module()
+    model.emb = torch.nn.Embedding(10, 4)
+    model.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(2))
+    modules = dict(model.named_modules())
+    assert _runner("layers.1.0", modules["layers.1.0"], modules) is model.layers[1]
+    assert _runner("emb", model.emb, modules) is model.emb

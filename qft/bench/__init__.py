@@ -48,7 +48,7 @@ SUITES = {
     "mezo": {
         "inference": "two bf16 forward passes (the floor a ZO step is measured against)",
         "mezo-plain": "MeZO's reference loop: in-place per-tensor +eps, fwd, -2eps, fwd, +eps, update",
-        "qft-mezo": "qft: perturbation inside each module's forward, bucketed _foreach update",
+        "qft-mezo": "qft: perturbation inside each decoder layer's forward, fused Triton kernels (one launch per layer, one for the update)",
         "qft-sparse-mezo": "qft Sparse-MeZO, density 0.2 of every linear layer (deltas of the smallest weights)",
     },
 }

@@ -2,7 +2,7 @@
 
 Paths: ``inference`` (two forward passes, the floor a ZO step is measured against), ``mezo-plain`` (the
 reference per-tensor in-place loop: +eps, forward, -2eps, forward, +eps, update; as MeZO's code does it),
-``qft-mezo`` (qft: perturbation inside the forward, bucketed ``_foreach`` update), ``qft-sparse-mezo`` (qft
+``qft-mezo`` (qft: perturbation inside each decoder layer's forward, fused Triton kernels), ``qft-sparse-mezo`` (qft
 Sparse-MeZO at density 0.2 over every linear layer: the perturbed values are the selected entries' deltas).
 """
 

@@ -3,8 +3,8 @@
 The projected gradient along a random direction z is ``g = (L(θ + εz) − L(θ − εz)) / 2ε``, and the step is
 ``θ ← θ − lr·(g·z + wd·θ)``. z is never stored: every tensor's z is regenerated from ``(seed, index)``.
 
-qft applies the ±εz perturbation *inside the forward*, one module at a time (:func:`perturbed`): a module's
-perturbed weight exists only while that module runs, and the stored weights are never modified by a
+qft applies the ±εz perturbation *inside the forward*, one decoder layer at a time (:func:`perturbed`): a
+layer's perturbed weights exist only while that layer runs, and the stored weights are never modified by a
 perturbation. So the ±ε round trip restores θ exactly (the reference in-place version, :func:`perturb_inplace_`,
 as MeZO's code does it, leaves floating-point residue), peak memory stays at the inference peak plus one
 layer, and each step draws z three times (two forwards, one update) instead of MeZO's four.
@@ -88,38 +88,65 @@ def perturb_inplace_(params: Sequence[torch.Tensor], step_seed: int, scale: floa
 _CONTAINERS = (nn.ParameterDict, nn.ParameterList)  # hold parameters but never run a forward of their own
 
 
+def _runner(name: str, holder: nn.Module, modules: dict[str, nn.Module]) -> nn.Module:
+    """The module whose forward brackets the use of ``holder``'s parameters: the outermost child of a
+    ModuleList above it (a decoder layer: its weights are perturbed together, in one launch on a GPU), else
+    ``holder`` itself, or its parent when ``holder`` is a ParameterDict/ParameterList (as in peft layers)."""
+    parts = name.split(".") if name else []
+    for i in range(1, len(parts)):
+        if isinstance(modules[".".join(parts[:i])], nn.ModuleList):
+            return modules[".".join(parts[:i + 1])]
+    if isinstance(holder, _CONTAINERS) and name:
+        return modules[name.rpartition(".")[0]]
+    return holder
+
+
+def perturbed_copies(ps: Sequence[torch.Tensor], step_seed: int, indices: Sequence[int], scale: float,
+                     mask_fn: MaskFn | None = None) -> list[torch.Tensor]:
+    """:func:`perturbed_copy` of each tensor; those the fused kernel takes go in one launch per dtype."""
+    out = [None] * len(ps)
+    fused = [k for k, p in enumerate(ps) if triton_ops.usable(p, mask_fn)]
+    if fused:
+        copies = triton_ops.perturbed_copies([ps[k] for k in fused],
+                                             [tensor_seed(step_seed, indices[k]) for k in fused], scale)
+        for k, c in zip(fused, copies):
+            out[k] = c
+    for k, p in enumerate(ps):
+        if out[k] is None:
+            out[k] = perturbed_copy(p, step_seed, indices[k], scale, mask_fn)
+    return out
+
+
 @contextlib.contextmanager
 def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, scale: float,
               mask_fn: MaskFn | None = None):
     """Within the block, every forward of ``model`` sees ``θ + scale·z``; the stored θ is untouched.
 
-    The module that uses a parameter (its owner, or the owner's parent when the owner is a ParameterDict
-    or ParameterList, as in peft layers) gets a pre-hook that swaps in perturbed copies for the duration
-    of its forward, and a hook that swaps the originals back. Yields the set of parameter ids perturbed so
-    far, so callers can check that every tuned tensor took part.
+    The module whose forward uses a parameter (see :func:`_runner`: its decoder layer, or its owner) gets a
+    pre-hook that swaps in perturbed copies for the duration of its forward, and a hook that swaps the
+    originals back, so at most one layer's perturbed weights exist at a time. Yields the set of parameter
+    ids perturbed so far, so callers can check that every tuned tensor took part.
     """
     index = {id(p): i for i, p in enumerate(params)}
     modules = dict(model.named_modules())
     plan: dict[int, tuple[nn.Module, list[tuple[nn.Module, str]]]] = {}
     for name, holder in modules.items():
         slots = [(holder, n) for n, p in holder.named_parameters(recurse=False) if id(p) in index]
-        if not slots:
-            continue
-        runner = holder
-        if isinstance(holder, _CONTAINERS) and name:
-            runner = modules[name.rpartition(".")[0]]
-        plan.setdefault(id(runner), (runner, []))[1].extend(slots)
+        if slots:
+            runner = _runner(name, holder, modules)
+            plan.setdefault(id(runner), (runner, []))[1].extend(slots)
     seen: set[int] = set()
 
     def make_hooks(slots):
         saved: list[tuple[nn.Module, str, nn.Parameter]] = []
 
         def pre_hook(module, args):
-            for holder, pname in slots:
-                p = holder._parameters[pname]
+            ps = [holder._parameters[pname] for holder, pname in slots]
+            copies = perturbed_copies(ps, step_seed, [index[id(p)] for p in ps], scale, mask_fn)
+            for (holder, pname), p, c in zip(slots, ps, copies):
                 saved.append((holder, pname, p))
                 seen.add(id(p))
-                holder._parameters[pname] = perturbed_copy(p, step_seed, index[id(p)], scale, mask_fn)
+                holder._parameters[pname] = c
 
         def post_hook(module, args, output):
             restore()
@@ -170,11 +197,14 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
     so the extra memory is one bucket, never a copy of the parameters.
     """
     with torch.no_grad():
-        fused = {i for i, p in enumerate(params) if triton_ops.usable(p, mask_fn)}
-        for i in sorted(fused):  # one fused read-modify-write per direction; the first folds in the decay
-            keep = 1.0 - lr * weight_decay if weight_decay and decay_mask is not None and decay_mask[i] else 1.0
+        fused = [i for i, p in enumerate(params) if triton_ops.usable(p, mask_fn)]
+        if fused:  # one fused read-modify-write per direction (one launch per dtype); the first folds in the decay
+            keep = 1.0 - lr * weight_decay if weight_decay and decay_mask is not None else 1.0
+            decay = [bool(decay_mask[i]) for i in fused] if decay_mask is not None else None
             for j, (seed, g) in enumerate(seeds_and_grads):
-                triton_ops.axpby_(params[i], tensor_seed(seed, i), -lr * g, keep if j == 0 else 1.0)
+                triton_ops.axpby_multi_([params[i] for i in fused], [tensor_seed(seed, i) for i in fused], -lr * g,
+                                        keep if j == 0 else 1.0, decay)
+        fused = set(fused)
         rest = [i for i in range(len(params)) if i not in fused]
         _torch_update(params, rest, seeds_and_grads, lr, weight_decay, decay_mask, mask_fn, bucket_bytes)
 

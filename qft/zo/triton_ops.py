@@ -1,19 +1,34 @@
 """Fused ZO kernels (Triton, CUDA): θ·keep + scale·z in one pass, z drawn in-register from (seed, offset).
 
 The torch path (:mod:`qft.zo.spsa`) materializes z with ``torch.randn`` and then adds it: three memory
-passes per tensor and a full-size temporary. Here each program draws its block of z with Philox
-(``tl.randn(seed, offset)``), so a perturbed copy costs one read and one write of θ, and an update one
-read-modify-write, with no temporary. z is a deterministic function of (seed, element offset): regenerating
-it for the update or after a resume gives the same numbers.
+passes per tensor and a full-size temporary. Here each program draws its block of z with Philox, so a
+perturbed copy costs one read and one write of θ, and an update one read-modify-write, with no temporary.
 
-The kernels draw a different z than the torch path (another generator), so a tensor must always go through
-the same path; :func:`usable` decides it from the tensor alone (CUDA, floating point, no mask), so the forward
-perturbations and the update of one step always agree.
+Two things keep the step cheap on a GPU:
+
+* **One launch for many tensors.** A launch takes a table of (source, destination, seed, decay) per tensor
+  and a cached map from program to (tensor, block), so the update of every tuned tensor is one launch, and
+  the perturbed copies of one decoder layer's weights another - not one launch (and one Python round trip)
+  per tensor, which is what bounds the step of a small model.
+* **Four normals per Philox draw.** ``randn4x`` turns one Philox round (four 32-bit words) into four
+  normals, where ``randn`` keeps one. Element ``i`` of a tensor takes normal ``k`` of the draw at counter
+  ``(i // 4Q)·Q + i % Q`` with ``k = (i % 4Q) // Q`` and ``Q = QUARTER``: every block of ``4Q`` elements is
+  four contiguous quarters sharing ``Q`` draws.
+
+z is a deterministic function of (seed, element index) alone, not of the launch: regenerating it for the
+update, in another grouping, or after a resume gives the same numbers. The kernels draw a different z than
+the torch path (another generator), so a tensor must always go through the same path; :func:`usable`
+decides it from the tensor alone (CUDA, floating point, contiguous, no mask), so the forward perturbations
+and the update of one step always agree.
+
+The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``) on CPU tensors, which is how
+``tests/test_zo_triton_interpret.py`` checks them without a GPU.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import torch
 
@@ -23,12 +38,16 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs have none
 except ImportError:  # pragma: no cover - exercised on CPU CI
     triton = None
 
-BLOCK = 4096
+QUARTER = 1024  # normals per quarter block; a program handles 4 * QUARTER elements
+BLOCK = 4 * QUARTER
+MAX_NUMEL = 2**31 - BLOCK  # int32 element offsets (and the Philox counter) within one tensor
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def usable(p: torch.Tensor, mask_fn=None) -> bool:
-    return (triton is not None and p.is_cuda and p.is_contiguous()
-            and p.dtype in (torch.float32, torch.bfloat16, torch.float16) and mask_fn is None and os.environ.get("QFT_ZO_TRITON", "1") != "0")
+    return (triton is not None and p.is_cuda and p.is_contiguous() and p.dtype in _FLOATS and mask_fn is None
+            and p.numel() < MAX_NUMEL and os.environ.get("QFT_ZO_TRITON", "1") != "0")
 
 
 def _seed32(seed: int) -> int:
@@ -38,40 +57,116 @@ def _seed32(seed: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _axpby_randn(src, dst, n, seed, keep, scale, BLOCK_SIZE: tl.constexpr):
-        pid = tl.program_id(0)
-        offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    def _axpy_piece(src, dst, offs, n, keep, scale, z):
         m = offs < n
         x = tl.load(src + offs, mask=m, other=0.0).to(tl.float32)
-        z = tl.randn(seed, offs)
         tl.store(dst + offs, (x * keep + scale * z).to(dst.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _axpby_randn_multi(table, n_tensors, numels, block_tensor, block_start, keep, scale,
+                           DTYPE: tl.constexpr, Q: tl.constexpr):
+        """dst[t] = src[t]·(keep if decay[t] else 1) + scale·z(seed[t]) over one block of 4Q elements."""
+        pid = tl.program_id(0)
+        t = tl.load(block_tensor + pid)
+        start = tl.load(block_start + pid)  # int32, a multiple of 4Q
+        n = tl.load(numels + t)
+        src = tl.load(table + t).to(tl.pointer_type(DTYPE))
+        dst = tl.load(table + n_tensors + t).to(tl.pointer_type(DTYPE))
+        seed = tl.load(table + 2 * n_tensors + t)
+        k = tl.where(tl.load(table + 3 * n_tensors + t) != 0, keep, 1.0)
+        r = tl.arange(0, Q)
+        z0, z1, z2, z3 = tl.randn4x(seed, start // 4 + r)
+        offs = start + r
+        _axpy_piece(src, dst, offs, n, k, scale, z0)
+        _axpy_piece(src, dst, offs + Q, n, k, scale, z1)
+        _axpy_piece(src, dst, offs + 2 * Q, n, k, scale, z2)
+        _axpy_piece(src, dst, offs + 3 * Q, n, k, scale, z3)
 
-def _launch(src: torch.Tensor, dst: torch.Tensor, seed: int, keep: float, scale: float) -> None:
-    n = src.numel()
-    if n >= 2**31:
+
+_BLOCK_MAPS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _block_map(numels: tuple[int, ...], device: torch.device):
+    """(numels, block → tensor, block → first element), on ``device``; cached per list of sizes."""
+    key = (numels, str(device))
+    hit = _BLOCK_MAPS.get(key)
+    if hit is None:
+        counts = torch.tensor([-(-n // BLOCK) for n in numels], dtype=torch.int64)
+        tensor_of = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
+        first = torch.cumsum(counts, 0) - counts  # each tensor's first block
+        start = ((torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)) * BLOCK).to(torch.int32)
+        if len(_BLOCK_MAPS) > 512:  # the sets of sizes seen are few (one per layer kind); never grow unbounded
+            _BLOCK_MAPS.clear()
+        hit = _BLOCK_MAPS[key] = (torch.tensor(numels, dtype=torch.int32).to(device), tensor_of.to(device),
+                                  start.to(device))
+    return hit
+
+
+def _launch(srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor], seeds: Sequence[int], scale: float,
+            keep: float = 1.0, decay: Sequence[bool] | None = None) -> None:
+    """One launch over tensors of one dtype and device: ``dsts[t] = srcs[t]·keep_t + scale·z(seeds[t])``."""
+    if not srcs:
+        return
+    numels = tuple(s.numel() for s in srcs)
+    if max(numels) >= MAX_NUMEL:
         raise ValueError("tensors of 2**31 elements or more are not supported by the fused ZO kernel")
-    grid = (triton.cdiv(n, BLOCK),)
-    _axpby_randn[grid](src, dst, n, _seed32(seed), float(keep), float(scale), BLOCK_SIZE=BLOCK)
+    device, dtype = srcs[0].device, srcs[0].dtype
+    n = len(srcs)
+    flags = [1 if d else 0 for d in decay] if decay is not None else [0] * n
+    table = torch.tensor([s.data_ptr() for s in srcs] + [d.data_ptr() for d in dsts]
+                         + [_seed32(s) for s in seeds] + flags, dtype=torch.int64).to(device, non_blocking=True)
+    sizes, tensor_of, start = _block_map(numels, device)
+    dt = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    _axpby_randn_multi[(tensor_of.numel(),)](table, n, sizes, tensor_of, start, float(keep), float(scale),
+                                             DTYPE=dt, Q=QUARTER)
+
+
+def _by_kind(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+def perturbed_copies(tensors: Sequence[torch.Tensor], seeds: Sequence[int], scale: float) -> list[torch.Tensor]:
+    """New tensors ``θ_t + scale·z(seed_t)``, one launch per dtype; each group's copies share one buffer."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for (device, dtype), idx in _by_kind(tensors).items():
+        srcs = [tensors[i].detach() for i in idx]
+        buf = torch.empty(sum(s.numel() for s in srcs), dtype=dtype, device=device)
+        views, at = [], 0
+        for s in srcs:
+            views.append(buf[at:at + s.numel()].view(s.shape))
+            at += s.numel()
+        _launch(srcs, views, [seeds[i] for i in idx], scale)
+        for i, v in zip(idx, views):
+            out[i] = v
+    return out
+
+
+def axpby_multi_(tensors: Sequence[torch.Tensor], seeds: Sequence[int], scale: float, keep: float = 1.0,
+                 decay: Sequence[bool] | None = None) -> None:
+    """In place: ``θ_t ← keep_t·θ_t + scale·z(seed_t)`` with ``keep_t = keep`` where ``decay[t]``, else 1
+    (the ZO-SGD update with decoupled weight decay folded in), one launch per dtype."""
+    if any(not t.is_contiguous() for t in tensors):
+        raise ValueError("the fused ZO update needs contiguous parameters")
+    for idx in _by_kind(tensors).values():
+        ts = [tensors[i].detach() for i in idx]
+        _launch(ts, ts, [seeds[i] for i in idx], scale, keep, None if decay is None else [decay[i] for i in idx])
 
 
 def perturbed_copy(p: torch.Tensor, seed: int, scale: float) -> torch.Tensor:
     """A new tensor θ + scale·z (one read of θ, one write)."""
-    src = p.detach().contiguous()
-    out = torch.empty_like(src)
-    _launch(src, out, seed, 1.0, scale)
-    return out
+    return perturbed_copies([p.detach().contiguous()], [seed], scale)[0]
 
 
 def axpby_(p: torch.Tensor, seed: int, scale: float, keep: float = 1.0) -> None:
-    """In place: θ ← keep·θ + scale·z (the ZO-SGD update with decoupled weight decay folded into ``keep``)."""
-    if not p.is_contiguous():
-        raise ValueError("the fused ZO update needs contiguous parameters")
-    _launch(p.detach(), p.detach(), seed, keep, scale)
+    """In place: θ ← keep·θ + scale·z."""
+    axpby_multi_([p], [seed], scale, keep, [True])
 
 
 def direction(p: torch.Tensor, seed: int) -> torch.Tensor:
     """z itself (for tests): the kernel applied to zeros."""
     z = torch.zeros_like(p, dtype=torch.float32)
-    _launch(z, z, seed, 0.0, 1.0)
+    axpby_(z, seed, 1.0, keep=0.0)
     return z

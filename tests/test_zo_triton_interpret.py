@@ -1,0 +1,106 @@
+"""The fused Triton ZO kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1): the many-tensor
+launch, the four-normals-per-draw layout and the layer-grouped perturbation, checked without a GPU.
+
+Needs the ``triton`` package (CUDA builds of torch bring it; CPU CI has none, and skips). The interpreter
+must be switched on before Triton is imported, so the outer test re-runs this file in a fresh process.
+"""
+
+import os
+import subprocess
+import sys
+from importlib.util import find_spec
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(find_spec("triton") is None, reason="needs the triton package")
+INSIDE = os.environ.get("TRITON_INTERPRET") == "1"
+inside = pytest.mark.skipif(not INSIDE, reason="runs in the interpreter process started by test_interpreted")
+
+
+@pytest.mark.skipif(INSIDE, reason="the launcher itself")
+def test_interpreted():
+    env = dict(os.environ, TRITON_INTERPRET="1", QFT_ZO_TRITON="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" in r.stdout  # the launcher skips itself inside
+
+
+@pytest.fixture
+def ops(monkeypatch):
+    from qft.zo import triton_ops
+
+    # the interpreter runs the kernels on CPU tensors: let the training path take them there
+    monkeypatch.setattr(triton_ops, "usable", lambda p, mask_fn=None: mask_fn is None and p.dtype in triton_ops._FLOATS)
+    return triton_ops
+
+
+@inside
+def test_directions_are_standard_normal_reproducible_and_independent_of_the_tensor_size(ops):
+    n = 5 * ops.BLOCK + 123  # a partial last block
+    z = ops.direction(torch.empty(n), 123)
+    assert torch.equal(z, ops.direction(torch.empty(n), 123)) and not torch.equal(z, ops.direction(torch.empty(n), 124))
+    assert abs(z.mean().item()) < 0.03 and abs(z.std().item() - 1) < 0.03
+    # z of element i depends on (seed, i) alone: a shorter tensor draws a prefix of a longer one's z
+    torch.testing.assert_close(ops.direction(torch.empty(ops.BLOCK + 7), 123), z[:ops.BLOCK + 7], rtol=0, atol=0)
+    # the four quarters of a block are four different normals, not copies
+    q = ops.QUARTER
+    assert len({round(z[k * q].item(), 6) for k in range(4)}) == 4
+
+
+@inside
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_launch_over_many_tensors_equals_one_launch_each(ops, dtype):
+    torch.manual_seed(0)
+    ts = [torch.randn(*s).to(dtype) for s in [(3, 700), (5000,), (1,), (2, ops.BLOCK)]]
+    seeds = [11, 12, 13, 14]
+    together = ops.perturbed_copies(ts, seeds, 1e-2)
+    for t, s, c in zip(ts, seeds, together):
+        assert c.shape == t.shape and c.dtype == dtype
+        torch.testing.assert_close(c, ops.perturbed_copy(t, s, 1e-2), rtol=0, atol=0)
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(c.float(), t.float() + 1e-2 * ops.direction(t, s), rtol=tol, atol=tol)
+    # the update, with decay on some tensors only
+    upd = [t.clone() for t in ts]
+    ops.axpby_multi_(upd, seeds, -0.5, keep=0.9, decay=[True, False, True, False])
+    for t, s, u, d in zip(ts, seeds, upd, [0.9, 1.0, 0.9, 1.0]):
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(u.float(), d * t.float() - 0.5 * ops.direction(t, s), rtol=tol, atol=tol)
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()) for _ in range(3))
+        self.head = torch.nn.Linear(16, 50)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(h)
+
+
+@inside
+def test_layer_grouped_perturbation_and_update_agree_with_the_directions(ops):
+    from qft.zo.spsa import apply_update_, direction, perturbed
+
+    torch.manual_seed(0)
+    model = Tiny()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad(), perturbed(model, params, 5, 1e-2) as seen:
+        y = model(ids)
+    assert len(seen) == len(params)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # the stored weights were never touched
+    ref = Tiny()
+    with torch.no_grad():
+        for r, b, i in zip(ref.parameters(), before, range(len(params))):
+            r.copy_(b + 1e-2 * direction(b, 5, i))
+        torch.testing.assert_close(y, ref(ids), atol=1e-5, rtol=1e-5)
+    apply_update_(params, [(5, 2.0), (6, -1.0)], lr=0.1)
+    for i, (p, b) in enumerate(zip(params, before)):
+        torch.testing.assert_close(p, b - 0.2 * direction(b, 5, i) + 0.1 * direction(b, 6, i), atol=1e-5, rtol=1e-5)
