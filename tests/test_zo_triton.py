@@ -45,3 +45,22 @@ def test_training_path_uses_one_generator_throughout():
     torch.testing.assert_close(y, x @ w_ref.T + b_ref, atol=1e-4, rtol=1e-4)
     apply_update_(params, [(5, 2.0)], lr=0.1)
     torch.testing.assert_close(params[0], before[0] - 0.2 * direction(before[0], 5, 0), atol=1e-6, rtol=1e-6)
+
+
+def test_one_launch_over_many_tensors_equals_one_launch_each():
+    ts = [torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in [(3, 700), (5000,), (1,), (4096, 1024)]]
+    for t, c in zip(ts, triton_ops.perturbed_copies(ts, [1, 2, 3, 4], 1e-2)):
+        assert torch.equal(c, triton_ops.perturbed_copy(t, [1, 2, 3, 4][ts.index(t)], 1e-2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_mezo_kernel_matches_the_reference(dtype):
+    from qft.adapters.sparse_mezo.layer import SparseMezoLinear
+
+    torch.manual_seed(0)
+    layer = SparseMezoLinear(torch.nn.Linear(2500, 300, bias=False, device="cuda", dtype=dtype), "default",
+                             density=0.2, delta_dtype="float32")
+    with torch.no_grad():
+        layer.sparse_mezo_delta["default"].normal_()
+        assert layer._fused(layer.get_base_layer().weight)
+        assert torch.equal(layer.effective_weight(), layer.effective_weight_reference())

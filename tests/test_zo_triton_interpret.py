@@ -104,3 +104,29 @@ def test_layer_grouped_perturbation_and_update_agree_with_the_directions(ops):
     apply_update_(params, [(5, 2.0), (6, -1.0)], lr=0.1)
     for i, (p, b) in enumerate(zip(params, before)):
         torch.testing.assert_close(p, b - 0.2 * direction(b, 5, i) + 0.1 * direction(b, 6, i), atol=1e-5, rtol=1e-5)
+
+
+@inside
+@pytest.mark.parametrize("dtype,cols", [(torch.float32, 300), (torch.bfloat16, 2500)])
+def test_sparse_mezo_effective_weight_kernel_matches_the_torch_path(dtype, cols):
+    """One program per row, numbering its selected entries from the row's offset: the same matrix as the
+    whole-matrix cumsum + gather of the torch path (rows longer than a block, a partial last block)."""
+    from qft.adapters.sparse_mezo import SparseMezoConfig, kernel
+    from qft.adapters.sparse_mezo.layer import SparseMezoLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(cols, 37, bias=False).to(dtype)
+    layer = SparseMezoLinear(lin, "default", density=0.3, delta_dtype="float32")
+    delta = layer.sparse_mezo_delta["default"]
+    with torch.no_grad():
+        delta.copy_(torch.randn_like(delta))
+    thr = layer.sparse_mezo_threshold["default"]
+    w = lin.weight.detach()
+    got = kernel.effective_weight(w, w, delta.detach(), thr, kernel.row_offsets(w, thr))
+    ref = layer.effective_weight().detach()  # CPU tensors: the torch path
+    assert torch.equal(got != w, ref != w) and (got != w).any()  # the same entries changed
+    if dtype == torch.float32:
+        assert torch.equal(got, ref)
+    else:  # the interpreter's float32 -> bf16 cast may round the other way: one bf16 step at most
+        torch.testing.assert_close(got, ref, rtol=2**-7, atol=0)
+    assert SparseMezoConfig  # the package imports with the kernel module inside it

@@ -6,6 +6,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from qft.adapters.sparse_mezo import kernel
 from qft.zo.mask import magnitude_threshold, small_magnitude_mask
 
 
@@ -41,11 +42,25 @@ class SparseMezoLinear(nn.Module, BaseTunerLayer):
     def mask(self, adapter_name: str) -> torch.Tensor:
         return small_magnitude_mask(self.get_base_layer().weight, self.sparse_mezo_threshold[adapter_name])
 
+    def _unmerged_names(self):
+        return [n for n in self.active_adapters if n in self.sparse_mezo_delta and n not in self.merged_adapters]
+
     def _unmerged_deltas(self):
         """(mask, delta) of every active, unmerged adapter."""
-        for name in self.active_adapters:
-            if name in self.sparse_mezo_delta and name not in self.merged_adapters:
-                yield self.mask(name), self.sparse_mezo_delta[name]
+        for name in self._unmerged_names():
+            yield self.mask(name), self.sparse_mezo_delta[name]
+
+    def _fused(self, w: torch.Tensor) -> bool:
+        """The one-pass Triton kernel (:mod:`.kernel`) on CUDA; the torch path elsewhere."""
+        return all(kernel.usable(w, self.sparse_mezo_delta[n]) for n in self._unmerged_names())
+
+    def _row_offsets(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """Per row, the selected entries above it: fixed while ``w`` and the threshold are, so cached."""
+        key = (name, w.data_ptr(), w._version, self.sparse_mezo_threshold[name].data_ptr())
+        if getattr(self, "_offsets_key", None) != key:
+            self._offsets_key = key
+            self._offsets = kernel.row_offsets(w, self.sparse_mezo_threshold[name])
+        return self._offsets
 
     def effective_weight(self) -> torch.Tensor:
         """``W`` with each active delta added at its selected entries.
@@ -55,6 +70,13 @@ class SparseMezoLinear(nn.Module, BaseTunerLayer):
         the device; boolean indexing would wait for the host at every layer of every forward.
         """
         w = out = self.get_base_layer().weight
+        if self._fused(w):
+            for name in self._unmerged_names():
+                delta = self.sparse_mezo_delta[name]
+                if delta.numel():
+                    out = kernel.effective_weight(w, out, delta, self.sparse_mezo_threshold[name],
+                                                  self._row_offsets(name, w))
+            return out
         for m, delta in self._unmerged_deltas():
             if delta.numel():
                 slot = (m.reshape(-1).cumsum(0, dtype=torch.int32) - 1).clamp_min_(0).view(m.shape)
