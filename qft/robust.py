@@ -21,6 +21,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -37,19 +38,26 @@ class StopOnSignal(TrainerCallback):
     """On SIGINT/SIGTERM, finish the current step, save a checkpoint and stop training.
 
     A second signal stops at once (``KeyboardInterrupt``); checkpoints are written atomically, so even then
-    the last complete one stays loadable. Use as a context manager around ``trainer.train()`` (or let the
+    the last complete one stays loadable. A repeat of the same signal within ``DUPLICATE_S`` seconds is one
+    request, not two: GNU ``timeout`` (and a kill of the process group) delivers SIGTERM twice at once. Use as a context manager around ``trainer.train()`` (or let the
     Trainer install it at ``on_train_begin``); handlers are installed only from the main thread.
     """
 
+    DUPLICATE_S = 2.0
+
     def __init__(self):
         self.received: int | None = None
+        self._received_at = 0.0
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame):
+        now = time.monotonic()
         if self.received is not None:
+            if signum == self.received and now - self._received_at < self.DUPLICATE_S:
+                return
             self.restore()
             raise KeyboardInterrupt
-        self.received = signum
+        self.received, self._received_at = signum, now
 
     def install(self) -> None:
         if self._previous or threading.current_thread() is not threading.main_thread():

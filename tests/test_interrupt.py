@@ -131,3 +131,22 @@ def test_python_api_reports_the_checkpoint(tiny_model_dir, jsonl, tmp_path, monk
     assert err.value.exit_code == 130 and "checkpoint-2" in str(err.value) and "\n" not in str(err.value)
     assert (out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").exists()
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+
+
+def test_a_doubled_sigterm_is_one_request_a_later_signal_stops_at_once(monkeypatch):
+    """GNU timeout sends SIGTERM to the process and then to its group: that must still save a checkpoint."""
+    from qft import robust
+
+    clock = [100.0]
+    monkeypatch.setattr(robust.time, "monotonic", lambda: clock[0])
+    stop = robust.StopOnSignal()
+    stop._handle(signal.SIGTERM, None)
+    stop._handle(signal.SIGTERM, None)  # the same signal, a moment later: a duplicate
+    assert stop.received == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)  # a different signal: the user insists
+    stop = robust.StopOnSignal()
+    stop._handle(signal.SIGTERM, None)
+    clock[0] += 5
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGTERM, None)  # the same signal seconds later: a second request

@@ -15,8 +15,12 @@ def magnitude_threshold(weight: torch.Tensor, density: float) -> torch.Tensor:
     """The k-th smallest |w| with k = round(density * numel) (at least 1): a 0-d tensor."""
     flat = weight.detach().abs().flatten()
     k = max(1, min(flat.numel(), round(density * flat.numel())))
-    # kthvalue on CPU in float32 handles any size (torch.quantile refuses tensors over 16M elements)
-    return flat.float().cpu().kthvalue(k).values.to(weight.device)
+    # kthvalue in float32 handles any size (torch.quantile refuses tensors over 16M elements); on the weight's
+    # own device (on the CPU, an 8B model's 224 layers took minutes), the CPU if that device can't
+    try:
+        return flat.float().kthvalue(k).values
+    except (RuntimeError, NotImplementedError):  # pragma: no cover - a device without kthvalue
+        return flat.float().cpu().kthvalue(k).values.to(weight.device)
 
 
 def small_magnitude_mask(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
