@@ -118,6 +118,18 @@ def to_sft(ds, tokenizer=None):
     return ds, fmt
 
 
+def calibration_texts(spec: str, n: int = 256) -> list[str]:
+    """The first ``n`` examples of a dataset as plain strings (prompt + completion, chat turns joined), for
+    calibrating a quantizer such as GPTQ."""
+    ds, fmt = to_sft(load_records(spec))
+    rows = ds.select(range(min(n, len(ds))))
+    if fmt == "text":
+        return [str(r["text"]) for r in rows]
+    if fmt == "prompt_completion":
+        return [str(r["prompt"]) + str(r["completion"]) for r in rows]
+    return ["\n".join(str(m.get("content", "")) for m in r["messages"]) for r in rows]
+
+
 def token_lengths(ds, fmt: str, tokenizer) -> list[int]:
     """Tokens per example as TRL will see them (prompt and completion together; chats through the template)."""
     if fmt == "messages":

@@ -381,3 +381,17 @@ def test_disabled_adapter_is_the_quantized_base_and_adapters_switch():
     torch.testing.assert_close(logits(model, x), expected_base, rtol=0, atol=0)
     model.set_adapter("default")
     torch.testing.assert_close(logits(model, x), tuned, rtol=0, atol=0)
+
+
+def test_gptq_quantize_without_gptqmodel_is_a_clear_error(tiny_model_dir, tmp_path):
+    try:
+        import gptqmodel  # noqa: F401
+        pytest.skip("gptqmodel is installed")
+    except ImportError:
+        pass
+    from qft.cli.main import app
+
+    data = tmp_path / "calib.jsonl"
+    data.write_text(json.dumps({"text": " ".join("abcdefghij" * 2)}) + "\n")
+    r = CliRunner().invoke(app, ["quantize", "--gptq-calibration", str(data), str(tiny_model_dir), str(tmp_path / "q")])
+    assert r.exit_code != 0 and "pip install gptqmodel" in r.output and not (tmp_path / "q").exists()

@@ -49,8 +49,9 @@ def test_training_path_uses_one_generator_throughout():
 
 def test_one_launch_over_many_tensors_equals_one_launch_each():
     ts = [torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in [(3, 700), (5000,), (1,), (4096, 1024)]]
-    for t, c in zip(ts, triton_ops.perturbed_copies(ts, [1, 2, 3, 4], 1e-2)):
-        assert torch.equal(c, triton_ops.perturbed_copy(t, [1, 2, 3, 4][ts.index(t)], 1e-2))
+    seeds = [1, 2, 3, 4]
+    for t, s, c in zip(ts, seeds, triton_ops.perturbed_copies(ts, seeds, 1e-2)):
+        assert torch.equal(c, triton_ops.perturbed_copy(t, s, 1e-2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -28,7 +28,7 @@ def plan(cfg) -> MethodPlan:
     applied) or a folder written by ``qft quantize`` (its settings must match ``--bits``/``--group-size``)."""
     import torch
 
-    from qft.adapters.peqa.gptq import gptq_settings, require_gptqmodel
+    from qft.adapters.peqa.gptq import gptq_settings, load_gptq
     from qft.adapters.qlora import lora_targets
     from qft.errors import QftError
     from qft.models import load_base
@@ -43,12 +43,11 @@ def plan(cfg) -> MethodPlan:
             return load_quantized(model_id, expect=(cfg.bits, cfg.group_size))
         gptq = gptq_settings(model_id)
         if gptq is not None:  # PEQA on GPTQ's integers (optional gptqmodel)
-            require_gptqmodel()
             if gptq != (cfg.bits, cfg.group_size):
                 raise QftError(f"{model_id} is GPTQ-quantized to {gptq[0]} bits in groups of {gptq[1]}",
                                f"pass --bits {gptq[0]} --group-size {gptq[1]}")
             source["quantized_base"], source["rounding"] = model_id, "gptq"
-            return load_base(model_id, None, dtype=torch.float16)
+            return load_gptq(model_id)
         return load_base(model_id, None)
 
     return MethodPlan(load_base=load, peft_config=peft_config,

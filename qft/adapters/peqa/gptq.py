@@ -6,8 +6,9 @@ A gptqmodel ``TorchQuantLinear`` (load with ``backend=BACKEND.TORCH``) is conver
 ``q = k + z`` with a zero point per group (exact; see ``qft.quant.intq.codes_from_dequantized``). Act-order
 checkpoints (``desc_act=True``, non-contiguous groups) are refused.
 
-gptqmodel is heavy and not a dependency: without it a GPTQ checkpoint is refused with a QftError. This path is
-written against gptqmodel's torch kernel (dequantize_weight() returns (in, out)) and has not been run here.
+gptqmodel is heavy and not a dependency: without it a GPTQ checkpoint is refused with a QftError. Tested with
+gptqmodel 7.6.0 on the CPU (tests/test_peqa_gptq.py, skipped where gptqmodel is absent): GPTQ-quantizing a
+model on calibration data, loading it with the torch kernel, converting exactly, training the scales.
 """
 
 from __future__ import annotations
@@ -42,6 +43,43 @@ def gptq_settings(model_id: str) -> tuple[int, int] | None:
                        "contiguous", "use a GPTQ checkpoint quantized with desc_act=False")
     gs = int(qc.get("group_size", -1))
     return int(qc["bits"]), 0 if gs == -1 else gs
+
+
+def load_gptq(model_id: str, device: str | None = None):
+    """A GPTQ checkpoint (gptqmodel's format) as a transformers model whose linear layers are gptqmodel's torch
+    kernel (the one that can dequantize). transformers 5 itself loads GPTQ only through optimum, which
+    qft does not use."""
+    require_gptqmodel()
+    from gptqmodel import BACKEND, GPTQModel
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return GPTQModel.load(model_id, backend=BACKEND.TORCH, device=device).model
+
+
+MIN_CALIBRATION_TOKENS = 10  # gptqmodel's own default: shorter examples are dropped
+
+
+def quantize_gptq(model_id: str, out: str, bits: int, group_size: int, texts: list[str],
+                  batch_size: int = 4) -> None:
+    """GPTQ-quantize ``model_id`` with gptqmodel on ``texts`` (the calibration data) and save it to ``out``:
+    the better-than-round-to-nearest integers for PEQA (no act-order, so groups stay contiguous)."""
+    require_gptqmodel()
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    if not texts:
+        raise QftError("GPTQ needs calibration data, and the file gave no texts",
+                       "pass --calibration a JSONL/CSV/Parquet file with a few hundred training examples")
+    from qft.io import publishing
+
+    cfg = QuantizeConfig(bits=bits, group_size=group_size or -1, desc_act=False)
+    model = GPTQModel.load(model_id, cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+    long_enough = [t for t in texts if len(model.tokenizer(t)["input_ids"]) >= MIN_CALIBRATION_TOKENS]
+    if not long_enough:
+        raise QftError(f"every calibration example is shorter than {MIN_CALIBRATION_TOKENS} tokens, which GPTQ skips",
+                       "pass --gptq-calibration data with longer examples")
+    model.quantize(long_enough, batch_size=batch_size, calibration_data_min_length=MIN_CALIBRATION_TOKENS)
+    with publishing(Path(out), "GPTQ model") as staging:  # written beside OUT, then moved in file by file
+        model.save(str(staging))
 
 
 def is_gptq_layer(module) -> bool:
