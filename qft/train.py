@@ -40,7 +40,8 @@ class FinetuneConfig:
     max_length: int = field(default=512, metadata={"help": "Truncate examples to this many tokens."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "Dropout inside the adapter: LoRA's dropout; QST's side-network dropout."})
     target_modules: str = field(default="all-linear", metadata={
         "help": "Comma-separated module names to adapt, or 'all-linear'."})
     double_quant: bool = field(default=True, metadata={"help": "NF4 double quantization of the scales."})
