@@ -28,7 +28,8 @@ def peak_memory_gib() -> float:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total); bitsandbytes 4-bit weights hold two parameters per stored byte."""
+    """(trainable, total); bitsandbytes 4-bit weights hold two parameters per stored byte, and PEQA's packed
+    integer layers (buffers, not parameters) count the weights they represent."""
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
@@ -36,6 +37,9 @@ def count_parameters(model) -> tuple[int, int]:
             n *= 2
         total += n
         trainable += n if p.requires_grad else 0
+    for m in model.modules():
+        if m.__class__.__name__ == "IntLinear":  # qft.adapters.peqa.layer.IntLinear: packed integers
+            total += m.in_features * m.out_features
     return trainable, total
 
 

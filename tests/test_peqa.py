@@ -395,3 +395,14 @@ def test_gptq_quantize_without_gptqmodel_is_a_clear_error(tiny_model_dir, tmp_pa
     data.write_text(json.dumps({"text": " ".join("abcdefghij" * 2)}) + "\n")
     r = CliRunner().invoke(app, ["quantize", "--gptq-calibration", str(data), str(tiny_model_dir), str(tmp_path / "q")])
     assert r.exit_code != 0 and "pip install gptqmodel" in r.output and not (tmp_path / "q").exists()
+
+
+def test_parameter_count_includes_the_packed_integer_weights():
+    from qft.callbacks import count_parameters
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    _, float_total = count_parameters(model)
+    peft_model = get_peft_model(model, PeqaConfig(bits=3, group_size=16, target_modules=["0", "1"]))
+    trainable, total = count_parameters(peft_model)
+    assert trainable == 32 * 4 + 8 * 2  # the scales: one per row and group
+    assert total == float_total - 32 - 8 + trainable  # integers counted as weights; biases are buffers now
