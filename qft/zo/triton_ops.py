@@ -27,6 +27,7 @@ The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``) on 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Sequence
 
@@ -117,8 +118,13 @@ def _launch(srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor], seeds: S
                          + [_seed32(s) for s in seeds] + flags, dtype=torch.int64).to(device, non_blocking=True)
     sizes, tensor_of, start = _block_map(numels, device)
     dt = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-    _axpby_randn_multi[(tensor_of.numel(),)](table, n, sizes, tensor_of, start, float(keep), float(scale),
-                                             DTYPE=dt, Q=QUARTER)
+    with _on(device):  # the launch goes to the current device: make it the tensors' one (layers spread over GPUs)
+        _axpby_randn_multi[(tensor_of.numel(),)](table, n, sizes, tensor_of, start, float(keep), float(scale),
+                                                 DTYPE=dt, Q=QUARTER)
+
+
+def _on(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _by_kind(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:

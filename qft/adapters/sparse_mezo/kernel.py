@@ -59,5 +59,7 @@ def effective_weight(w: torch.Tensor, src: torch.Tensor, delta: torch.Tensor, th
     """``src`` with ``delta`` added where ``|w| <= threshold`` (a new tensor; ``w`` decides the mask)."""
     out = torch.empty_like(src)
     thr = threshold.to(device=w.device, dtype=w.dtype).reshape(1)
-    _effective_weight[(w.shape[0],)](w, src.contiguous(), out, delta, offsets, thr, N_COLS=w.shape[1], BLOCK_SIZE=BLOCK)
+    with triton_ops._on(w.device):
+        _effective_weight[(w.shape[0],)](w, src.contiguous(), out, delta, offsets, thr, N_COLS=w.shape[1],
+                                         BLOCK_SIZE=BLOCK)
     return out
