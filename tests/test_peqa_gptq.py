@@ -17,15 +17,24 @@ gptqmodel = pytest.importorskip("gptqmodel")
 def gptq_dir(tmp_path_factory):
     import os
 
-    from tests.tiny import save_tiny
-
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # its CPU thread pool refuses fewer on 2 cores
     root = tmp_path_factory.mktemp("gptq")
+    here = os.getcwd()
+    os.chdir(root)  # gptqmodel writes a logs/ folder into the working directory
+    try:
+        yield _quantize(root)
+    finally:
+        os.chdir(here)
+
+
+def _quantize(root):
+    from qft.cli.main import app
+    from tests.tiny import save_tiny
+
     src = save_tiny("llama", root / "float")
     data = root / "calib.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join("abcdefghij"[(i + k) % 10] for k in range(20))}) + "\n"
                             for i in range(32)))
-    from qft.cli.main import app
 
     r = CliRunner().invoke(app, ["quantize", "--bits", "4", "--group-size", "32", "--gptq-calibration", str(data),
                                  str(src), str(root / "gptq")])
