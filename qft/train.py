@@ -66,6 +66,9 @@ class FinetuneConfig:
     downsample: str = field(default="lora", metadata={"help": "QST: downsample modules (lora, pool or linear)."})
     zo_eps: float = field(default=1e-3, metadata={"help": "MeZO: perturbation scale epsilon."})
     zo_samples: int = field(default=1, metadata={"help": "MeZO: random directions (q) per step."})
+    zo_distribution: str = field(default="gaussian", metadata={
+        "help": "MeZO: distribution of the random directions: 'gaussian' (MeZO's) or 'rademacher' (±1, classic SPSA; "
+                "cheaper to draw on a GPU)."})
     zo_objective: str = field(default="loss", metadata={
         "help": "MeZO: what the two forwards measure: 'loss' (the LM loss on the completions) or 'label-words' "
                 "(cross-entropy over the data's label words, MeZO's prompt-based classification objective)."})
@@ -112,6 +115,11 @@ class FinetuneConfig:
         if self.optim != "auto" and self.method in ("mezo", "sparse-mezo"):
             raise QftError(f"--optim {self.optim} does not apply to {self.method}, which steps with zeroth-order SGD",
                            "leave --optim out for MeZO methods")
+        if self.zo_distribution not in ("gaussian", "rademacher"):
+            raise QftError(f"unknown --zo-distribution {self.zo_distribution!r}", "pass gaussian or rademacher")
+        if self.zo_distribution != "gaussian" and self.method not in ("mezo", "sparse-mezo"):
+            raise QftError(f"--zo-distribution applies to mezo and sparse-mezo, not {self.method}",
+                           "leave --zo-distribution out, or pass --method mezo")
         if self.zo_objective not in ("loss", "label-words"):
             raise QftError(f"unknown --zo-objective {self.zo_objective!r}", "pass loss or label-words")
         if self.zo_objective != "loss" and self.method not in ("mezo", "sparse-mezo"):

@@ -65,3 +65,13 @@ def test_sparse_mezo_kernel_matches_the_reference(dtype):
         layer.sparse_mezo_delta["default"].normal_()
         assert layer._fused(layer.get_base_layer().weight)
         assert torch.equal(layer.effective_weight(), layer.effective_weight_reference())
+
+
+def test_rademacher_directions_on_the_gpu():
+    p = torch.empty(4096, 1000, device="cuda", dtype=torch.bfloat16)
+    z = triton_ops.direction(p, 3, "rademacher")
+    assert set(z.unique().tolist()) == {-1.0, 1.0} and abs(z.mean().item()) < 1e-2
+    assert torch.equal(z.flatten()[:1000], triton_ops.direction(torch.empty(1000, device="cuda"), 3, "rademacher"))
+    q = p.normal_()
+    torch.testing.assert_close(triton_ops.perturbed_copy(q, 3, 0.5, "rademacher").float(), q.float() + 0.5 * z,
+                               atol=2e-2, rtol=2e-2)

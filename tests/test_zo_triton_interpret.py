@@ -37,6 +37,19 @@ def ops(monkeypatch):
 
 
 @inside
+def test_rademacher_directions_are_signs_reproducible_and_independent_of_the_tensor_size(ops):
+    n = 3 * ops.BLOCK + 77
+    z = ops.direction(torch.empty(n), 9, "rademacher")
+    assert set(z.unique().tolist()) == {-1.0, 1.0} and abs(z.mean().item()) < 0.03
+    assert torch.equal(z, ops.direction(torch.empty(n), 9, "rademacher"))
+    assert not torch.equal(z, ops.direction(torch.empty(n), 10, "rademacher"))
+    torch.testing.assert_close(ops.direction(torch.empty(100), 9, "rademacher"), z[:100], rtol=0, atol=0)
+    # neighbouring bits, words and quarters are not copies of one another
+    assert len({tuple(z[k * 1024:k * 1024 + 64].tolist()) for k in range(4)}) == 4
+    torch.testing.assert_close(ops.perturbed_copy(torch.ones(n), 9, 0.5, "rademacher"), 1 + 0.5 * z)
+
+
+@inside
 def test_directions_are_standard_normal_reproducible_and_independent_of_the_tensor_size(ops):
     n = 5 * ops.BLOCK + 123  # a partial last block
     z = ops.direction(torch.empty(n), 123)
@@ -84,7 +97,8 @@ class Tiny(torch.nn.Module):
 
 
 @inside
-def test_layer_grouped_perturbation_and_update_agree_with_the_directions(ops):
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_layer_grouped_perturbation_and_update_agree_with_the_directions(ops, dist):
     from qft.zo.spsa import apply_update_, direction, perturbed
 
     torch.manual_seed(0)
@@ -92,18 +106,19 @@ def test_layer_grouped_perturbation_and_update_agree_with_the_directions(ops):
     params = list(model.parameters())
     before = [p.detach().clone() for p in params]
     ids = torch.randint(0, 50, (2, 5))
-    with torch.no_grad(), perturbed(model, params, 5, 1e-2) as seen:
+    with torch.no_grad(), perturbed(model, params, 5, 1e-2, dist=dist) as seen:
         y = model(ids)
     assert len(seen) == len(params)
     assert all(torch.equal(p, b) for p, b in zip(params, before))  # the stored weights were never touched
     ref = Tiny()
     with torch.no_grad():
         for r, b, i in zip(ref.parameters(), before, range(len(params))):
-            r.copy_(b + 1e-2 * direction(b, 5, i))
+            r.copy_(b + 1e-2 * direction(b, 5, i, dist=dist))
         torch.testing.assert_close(y, ref(ids), atol=1e-5, rtol=1e-5)
-    apply_update_(params, [(5, 2.0), (6, -1.0)], lr=0.1)
+    apply_update_(params, [(5, 2.0), (6, -1.0)], lr=0.1, dist=dist)
     for i, (p, b) in enumerate(zip(params, before)):
-        torch.testing.assert_close(p, b - 0.2 * direction(b, 5, i) + 0.1 * direction(b, 6, i), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(p, b - 0.2 * direction(b, 5, i, dist=dist) + 0.1 * direction(b, 6, i, dist=dist),
+                                   atol=1e-5, rtol=1e-5)
 
 
 @inside

@@ -45,7 +45,8 @@ def main() -> None:
         model = get_peft_model(model, SparseMezoConfig(density=0.2, target_modules="all-linear"))
     params = [p for p in model.parameters() if p.requires_grad or a.path != "qft-sparse-mezo"]
     loss_fn = lambda: model(input_ids=ids, labels=ids, use_cache=False).loss  # noqa: E731
-    opt = ZoSGD(params, lr=1e-7, seed=0)
+    dist = "rademacher" if a.path == "qft-mezo-rademacher" else "gaussian"
+    opt = ZoSGD(params, lr=1e-7, seed=0, dist=dist)
 
     def step_inference():
         with torch.no_grad():
@@ -66,11 +67,12 @@ def main() -> None:
 
     def step_qft():
         seed = opt.step_seed()
-        g, _ = zo_projected_grad(model, params, seed, 1e-3, loss_fn)
+        g, _ = zo_projected_grad(model, params, seed, 1e-3, loss_fn, dist=dist)
         opt.record(seed, g.item())
         opt.step()
 
     step = {"inference": step_inference, "mezo-plain": step_plain, "qft-mezo": step_qft,
+            "qft-mezo-rademacher": step_qft,
             "qft-sparse-mezo": step_qft}[a.path]
     for _ in range(a.warmup):
         step()

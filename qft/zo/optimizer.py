@@ -14,11 +14,11 @@ from qft.zo.spsa import MaskFn, apply_update_
 
 class ZoSGD(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-6, weight_decay: float = 0.0, seed: int = 0,
-                 mask_fn: MaskFn | None = None):
+                 mask_fn: MaskFn | None = None, dist: str = "gaussian"):
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
-        self.mask_fn = mask_fn
+        self.mask_fn, self.dist = mask_fn, dist
         self.zo_state = {"t": 0, "seed": int(seed)}
         self._pending: list[tuple[int, float]] = []
 
@@ -44,7 +44,7 @@ class ZoSGD(torch.optim.Optimizer):
             for group in self.param_groups:
                 params = group["params"]
                 apply_update_(params, list(merged.items()), lr=group["lr"], weight_decay=group["weight_decay"],
-                              decay_mask=[p.ndim >= 2 for p in params], mask_fn=self.mask_fn)
+                              decay_mask=[p.ndim >= 2 for p in params], mask_fn=self.mask_fn, dist=self.dist)
             self._pending.clear()
         self.zo_state["t"] += 1
         return None

@@ -27,7 +27,7 @@ from transformers import Trainer
 
 from qft.errors import QftError
 from qft.zo.optimizer import ZoSGD
-from qft.zo.spsa import MaskFn, perturbed
+from qft.zo.spsa import DISTRIBUTIONS, MaskFn, perturbed
 
 
 @dataclass
@@ -37,10 +37,14 @@ class ZoArguments:
     objective: Callable | None = field(default=None, metadata={
         "help": "objective(model, inputs) -> scalar tensor to MINIMISE, e.g. minus accuracy; default: the LM loss."})
     mask_fn: MaskFn | None = field(default=None, metadata={"help": "Restrict z to entries (Sparse-MeZO)."})
+    distribution: str = field(default="gaussian", metadata={
+        "help": "z's distribution: 'gaussian' (MeZO) or 'rademacher' (±1, classic SPSA)."})
 
     def __post_init__(self):
         if not self.eps > 0:
             raise QftError(f"zo eps must be positive, got {self.eps}", "pass e.g. --zo-eps 1e-3")
+        if self.distribution not in DISTRIBUTIONS:
+            raise QftError(f"unknown zo distribution {self.distribution!r}", f"pass one of {', '.join(DISTRIBUTIONS)}")
         if self.samples < 1:
             raise QftError(f"zo samples must be at least 1, got {self.samples}", "pass --zo-samples 1 or more")
 
@@ -67,17 +71,18 @@ def _prepare_without_ddp(prepare_model, model, device_placement=None, evaluation
     return model
 
 
-def zo_projected_grad(model, params, step_seed: int, eps: float, loss_fn, mask_fn: MaskFn | None = None):
+def zo_projected_grad(model, params, step_seed: int, eps: float, loss_fn, mask_fn: MaskFn | None = None,
+                      dist: str = "gaussian"):
     """(g, mean loss) for one direction: two perturbed forwards; g is all-reduced across ranks."""
     with torch.no_grad():
-        with perturbed(model, params, step_seed, +eps, mask_fn) as seen:
+        with perturbed(model, params, step_seed, +eps, mask_fn, dist) as seen:
             loss_plus = loss_fn().detach().double()
         if len(seen) < len(params):
             missing = len(params) - len(seen)
             raise QftError(f"{missing} of {len(params)} trainable tensors were not used by their modules' forward, "
                            "so zeroth-order training cannot perturb them",
                            "freeze them (requires_grad=False) or tune another parameter set")
-        with perturbed(model, params, step_seed, -eps, mask_fn):
+        with perturbed(model, params, step_seed, -eps, mask_fn, dist):
             loss_minus = loss_fn().detach().double()
     g = _all_reduce_mean((loss_plus - loss_minus) / (2 * eps))
     return g, (loss_plus + loss_minus) / 2
@@ -104,7 +109,7 @@ class ZoTrainerMixin:
                 raise QftError("the model has no trainable parameters for zeroth-order training",
                                "leave requires_grad on the parameters to tune (or wrap the model with a peft config)")
             self.optimizer = ZoSGD(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
-                                   seed=self.args.seed, mask_fn=self.zo.mask_fn)
+                                   seed=self.args.seed, mask_fn=self.zo.mask_fn, dist=self.zo.distribution)
         return self.optimizer
 
     def _zo_loss(self, model, inputs):
@@ -125,7 +130,7 @@ class ZoTrainerMixin:
         for j in range(self.zo.samples):
             seed = opt.step_seed(j)
             g, loss = zo_projected_grad(model, opt.params, seed, self.zo.eps, lambda: self._zo_loss(model, inputs),
-                                        self.zo.mask_fn)
+                                        self.zo.mask_fn, self.zo.distribution)
             if not torch.isfinite(g):
                 raise QftError(f"the projected gradient became {g.item()} at step {self.state.global_step}",
                                "lower --learning-rate, raise --zo-eps, or train in float32")

@@ -14,6 +14,9 @@ Two things keep the step cheap on a GPU:
   normals, where ``randn`` keeps one. Element ``i`` of a tensor takes normal ``k`` of the draw at counter
   ``(i // 4Q)·Q + i % Q`` with ``k = (i % 4Q) // Q`` and ``Q = QUARTER``: every block of ``4Q`` elements is
   four contiguous quarters sharing ``Q`` draws.
+* **128 signs per draw** for Rademacher directions (``dist="rademacher"``): within a block, element
+  ``k·Q + 32c + b`` takes bit ``b`` of word ``k`` of the draw at counter ``(i // 4Q)·32 + c``, so a block
+  needs 32 draws, and no logarithms or square roots.
 
 z is a deterministic function of (seed, element index) alone, not of the launch: regenerating it for the
 update, in another grouping, or after a resume gives the same numbers. The kernels draw a different z than
@@ -39,7 +42,7 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs have none
 except ImportError:  # pragma: no cover - exercised on CPU CI
     triton = None
 
-QUARTER = 1024  # normals per quarter block; a program handles 4 * QUARTER elements
+QUARTER = 1024  # normals per quarter block (= 32 words x 32 sign bits); a program handles 4 * QUARTER elements
 BLOCK = 4 * QUARTER
 MAX_NUMEL = 2**31 - BLOCK  # int32 element offsets (and the Philox counter) within one tensor
 
@@ -64,8 +67,17 @@ if triton is not None:
         tl.store(dst + offs, (x * keep + scale * z).to(dst.dtype.element_ty), mask=m)
 
     @triton.jit
+    def _sign_piece(src, dst, start, n, keep, scale, word):
+        """32 x 32 elements from 32 words: element start + 32c + b gets bit b of word c as ±1."""
+        c = tl.arange(0, 32)
+        b = tl.arange(0, 32)
+        bits = (word[:, None] >> b[None, :].to(tl.uint32)) & 1
+        z = bits.to(tl.float32) * 2.0 - 1.0
+        _axpy_piece(src, dst, start + c[:, None] * 32 + b[None, :], n, keep, scale, z)
+
+    @triton.jit
     def _axpby_randn_multi(table, n_tensors, numels, block_tensor, block_start, keep, scale,
-                           DTYPE: tl.constexpr, Q: tl.constexpr):
+                           DTYPE: tl.constexpr, Q: tl.constexpr, RADEMACHER: tl.constexpr):
         """dst[t] = src[t]·(keep if decay[t] else 1) + scale·z(seed[t]) over one block of 4Q elements."""
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
@@ -75,13 +87,20 @@ if triton is not None:
         dst = tl.load(table + n_tensors + t).to(tl.pointer_type(DTYPE))
         seed = tl.load(table + 2 * n_tensors + t)
         k = tl.where(tl.load(table + 3 * n_tensors + t) != 0, keep, 1.0)
-        r = tl.arange(0, Q)
-        z0, z1, z2, z3 = tl.randn4x(seed, start // 4 + r)
-        offs = start + r
-        _axpy_piece(src, dst, offs, n, k, scale, z0)
-        _axpy_piece(src, dst, offs + Q, n, k, scale, z1)
-        _axpy_piece(src, dst, offs + 2 * Q, n, k, scale, z2)
-        _axpy_piece(src, dst, offs + 3 * Q, n, k, scale, z3)
+        if RADEMACHER:  # Q = 32 x 32: four quarters of 32 words x 32 bits
+            w0, w1, w2, w3 = tl.randint4x(seed, start // 128 + tl.arange(0, 32))
+            _sign_piece(src, dst, start, n, k, scale, w0)
+            _sign_piece(src, dst, start + Q, n, k, scale, w1)
+            _sign_piece(src, dst, start + 2 * Q, n, k, scale, w2)
+            _sign_piece(src, dst, start + 3 * Q, n, k, scale, w3)
+        else:
+            r = tl.arange(0, Q)
+            z0, z1, z2, z3 = tl.randn4x(seed, start // 4 + r)
+            offs = start + r
+            _axpy_piece(src, dst, offs, n, k, scale, z0)
+            _axpy_piece(src, dst, offs + Q, n, k, scale, z1)
+            _axpy_piece(src, dst, offs + 2 * Q, n, k, scale, z2)
+            _axpy_piece(src, dst, offs + 3 * Q, n, k, scale, z3)
 
 
 _BLOCK_MAPS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -104,7 +123,7 @@ def _block_map(numels: tuple[int, ...], device: torch.device):
 
 
 def _launch(srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor], seeds: Sequence[int], scale: float,
-            keep: float = 1.0, decay: Sequence[bool] | None = None) -> None:
+            keep: float = 1.0, decay: Sequence[bool] | None = None, dist: str = "gaussian") -> None:
     """One launch over tensors of one dtype and device: ``dsts[t] = srcs[t]·keep_t + scale·z(seeds[t])``."""
     if not srcs:
         return
@@ -120,7 +139,7 @@ def _launch(srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor], seeds: S
     dt = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
     with _on(device):  # the launch goes to the current device: make it the tensors' one (layers spread over GPUs)
         _axpby_randn_multi[(tensor_of.numel(),)](table, n, sizes, tensor_of, start, float(keep), float(scale),
-                                                 DTYPE=dt, Q=QUARTER)
+                                                 DTYPE=dt, Q=QUARTER, RADEMACHER=dist == "rademacher")
 
 
 def _on(device: torch.device):
@@ -134,7 +153,8 @@ def _by_kind(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
     return groups
 
 
-def perturbed_copies(tensors: Sequence[torch.Tensor], seeds: Sequence[int], scale: float) -> list[torch.Tensor]:
+def perturbed_copies(tensors: Sequence[torch.Tensor], seeds: Sequence[int], scale: float,
+                     dist: str = "gaussian") -> list[torch.Tensor]:
     """New tensors ``θ_t + scale·z(seed_t)``, one launch per dtype; each group's copies share one buffer."""
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for (device, dtype), idx in _by_kind(tensors).items():
@@ -144,35 +164,35 @@ def perturbed_copies(tensors: Sequence[torch.Tensor], seeds: Sequence[int], scal
         for s in srcs:
             views.append(buf[at:at + s.numel()].view(s.shape))
             at += s.numel()
-        _launch(srcs, views, [seeds[i] for i in idx], scale)
+        _launch(srcs, views, [seeds[i] for i in idx], scale, dist=dist)
         for i, v in zip(idx, views):
             out[i] = v
     return out
 
 
 def axpby_multi_(tensors: Sequence[torch.Tensor], seeds: Sequence[int], scale: float, keep: float = 1.0,
-                 decay: Sequence[bool] | None = None) -> None:
+                 decay: Sequence[bool] | None = None, dist: str = "gaussian") -> None:
     """In place: ``θ_t ← keep_t·θ_t + scale·z(seed_t)`` with ``keep_t = keep`` where ``decay[t]``, else 1
     (the ZO-SGD update with decoupled weight decay folded in), one launch per dtype."""
     if any(not t.is_contiguous() for t in tensors):
         raise ValueError("the fused ZO update needs contiguous parameters")
     for idx in _by_kind(tensors).values():
         ts = [tensors[i].detach() for i in idx]
-        _launch(ts, ts, [seeds[i] for i in idx], scale, keep, None if decay is None else [decay[i] for i in idx])
+        _launch(ts, ts, [seeds[i] for i in idx], scale, keep, None if decay is None else [decay[i] for i in idx], dist)
 
 
-def perturbed_copy(p: torch.Tensor, seed: int, scale: float) -> torch.Tensor:
+def perturbed_copy(p: torch.Tensor, seed: int, scale: float, dist: str = "gaussian") -> torch.Tensor:
     """A new tensor θ + scale·z (one read of θ, one write)."""
-    return perturbed_copies([p.detach().contiguous()], [seed], scale)[0]
+    return perturbed_copies([p.detach().contiguous()], [seed], scale, dist)[0]
 
 
-def axpby_(p: torch.Tensor, seed: int, scale: float, keep: float = 1.0) -> None:
+def axpby_(p: torch.Tensor, seed: int, scale: float, keep: float = 1.0, dist: str = "gaussian") -> None:
     """In place: θ ← keep·θ + scale·z."""
-    axpby_multi_([p], [seed], scale, keep, [True])
+    axpby_multi_([p], [seed], scale, keep, [True], dist)
 
 
-def direction(p: torch.Tensor, seed: int) -> torch.Tensor:
+def direction(p: torch.Tensor, seed: int, dist: str = "gaussian") -> torch.Tensor:
     """z itself (for tests): the kernel applied to zeros."""
     z = torch.zeros_like(p, dtype=torch.float32)
-    axpby_(z, seed, 1.0, keep=0.0)
+    axpby_(z, seed, 1.0, keep=0.0, dist=dist)
     return z
