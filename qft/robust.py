@@ -39,8 +39,9 @@ class StopOnSignal(TrainerCallback):
 
     A second signal stops at once (``KeyboardInterrupt``); checkpoints are written atomically, so even then
     the last complete one stays loadable. A repeat of the same signal within ``DUPLICATE_S`` seconds is one
-    request, not two: GNU ``timeout`` (and a kill of the process group) delivers SIGTERM twice at once. Use as a context manager around ``trainer.train()`` (or let the
-    Trainer install it at ``on_train_begin``); handlers are installed only from the main thread.
+    request, not two: GNU ``timeout`` (and a kill of the process group) delivers SIGTERM twice at once. Use as
+    a context manager around ``trainer.train()`` (or let the Trainer install it at ``on_train_begin``);
+    handlers are installed only from the main thread.
     """
 
     DUPLICATE_S = 2.0

@@ -115,8 +115,10 @@ class FinetuneConfig:
         if self.optim != "auto" and self.method in ("mezo", "sparse-mezo"):
             raise QftError(f"--optim {self.optim} does not apply to {self.method}, which steps with zeroth-order SGD",
                            "leave --optim out for MeZO methods")
-        if self.zo_distribution not in ("gaussian", "rademacher"):
-            raise QftError(f"unknown --zo-distribution {self.zo_distribution!r}", "pass gaussian or rademacher")
+        from qft.zo.spsa import DISTRIBUTIONS
+
+        if self.zo_distribution not in DISTRIBUTIONS:
+            raise QftError(f"unknown --zo-distribution {self.zo_distribution!r}", f"pass {' or '.join(DISTRIBUTIONS)}")
         if self.zo_distribution != "gaussian" and self.method not in ("mezo", "sparse-mezo"):
             raise QftError(f"--zo-distribution applies to mezo and sparse-mezo, not {self.method}",
                            "leave --zo-distribution out, or pass --method mezo")

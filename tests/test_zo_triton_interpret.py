@@ -82,39 +82,28 @@ def test_one_launch_over_many_tensors_equals_one_launch_each(ops, dtype):
         torch.testing.assert_close(u.float(), d * t.float() - 0.5 * ops.direction(t, s), rtol=tol, atol=tol)
 
 
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = torch.nn.Embedding(50, 16)
-        self.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()) for _ in range(3))
-        self.head = torch.nn.Linear(16, 50)
-
-    def forward(self, ids):
-        h = self.emb(ids)
-        for layer in self.layers:
-            h = h + layer(h)
-        return self.head(h)
-
-
 @inside
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
 def test_layer_grouped_perturbation_and_update_agree_with_the_directions(ops, dist):
     from qft.zo.spsa import apply_update_, direction, perturbed
 
-    torch.manual_seed(0)
-    model = Tiny()
+    import copy
+
+    from tests.tiny import tiny_inputs, tiny_model
+
+    model = tiny_model("llama")  # its decoder layers sit in a ModuleList: one launch per layer
     params = list(model.parameters())
     before = [p.detach().clone() for p in params]
-    ids = torch.randint(0, 50, (2, 5))
+    x = tiny_inputs(model)
     with torch.no_grad(), perturbed(model, params, 5, 1e-2, dist=dist) as seen:
-        y = model(ids)
+        y = model(**x).logits
     assert len(seen) == len(params)
     assert all(torch.equal(p, b) for p, b in zip(params, before))  # the stored weights were never touched
-    ref = Tiny()
+    ref = copy.deepcopy(model)
     with torch.no_grad():
         for r, b, i in zip(ref.parameters(), before, range(len(params))):
             r.copy_(b + 1e-2 * direction(b, 5, i, dist=dist))
-        torch.testing.assert_close(y, ref(ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y, ref(**x).logits, atol=1e-5, rtol=1e-5)
     apply_update_(params, [(5, 2.0), (6, -1.0)], lr=0.1, dist=dist)
     for i, (p, b) in enumerate(zip(params, before)):
         torch.testing.assert_close(p, b - 0.2 * direction(b, 5, i, dist=dist) + 0.1 * direction(b, 6, i, dist=dist),

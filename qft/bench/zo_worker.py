@@ -43,7 +43,7 @@ def main() -> None:
         from qft import SparseMezoConfig
 
         model = get_peft_model(model, SparseMezoConfig(density=0.2, target_modules="all-linear"))
-    params = [p for p in model.parameters() if p.requires_grad or a.path != "qft-sparse-mezo"]
+    params = [p for p in model.parameters() if p.requires_grad]  # all weights; Sparse-MeZO: its deltas
     loss_fn = lambda: model(input_ids=ids, labels=ids, use_cache=False).loss  # noqa: E731
     dist = "rademacher" if a.path == "qft-mezo-rademacher" else "gaussian"
     opt = ZoSGD(params, lr=1e-7, seed=0, dist=dist)

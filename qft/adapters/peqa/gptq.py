@@ -66,11 +66,11 @@ def quantize_gptq(model_id: str, out: str, bits: int, group_size: int, texts: li
     require_gptqmodel()
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    if not texts:
-        raise QftError("GPTQ needs calibration data, and the file gave no texts",
-                       "pass --calibration a JSONL/CSV/Parquet file with a few hundred training examples")
     from qft.io import publishing
 
+    if not texts:
+        raise QftError("GPTQ needs calibration data, and the file gave no texts",
+                       "pass --gptq-calibration a JSONL/CSV/Parquet file with a few hundred training examples")
     cfg = QuantizeConfig(bits=bits, group_size=group_size or -1, desc_act=False)
     model = GPTQModel.load(model_id, cfg, device="cuda" if torch.cuda.is_available() else "cpu")
     long_enough = [t for t in texts if len(model.tokenizer(t)["input_ids"]) >= MIN_CALIBRATION_TOKENS]

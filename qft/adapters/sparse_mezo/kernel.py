@@ -17,12 +17,11 @@ from qft.zo import triton_ops
 
 triton, tl = triton_ops.triton, (triton_ops.tl if triton_ops.triton is not None else None)
 BLOCK = 1024
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def usable(w: torch.Tensor, delta: torch.Tensor) -> bool:
-    return (triton is not None and w.is_cuda and w.is_contiguous() and w.dim() == 2 and w.dtype in _FLOATS
-            and delta.dtype in _FLOATS)
+    """Where the ZO kernels run (CUDA, a float dtype, contiguous, ``QFT_ZO_TRITON`` not 0), for a matrix."""
+    return triton_ops.usable(w) and w.dim() == 2 and delta.dtype in triton_ops._FLOATS
 
 
 if triton is not None:

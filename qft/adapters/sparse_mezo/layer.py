@@ -28,6 +28,7 @@ class SparseMezoLinear(nn.Module, BaseTunerLayer):
         self.sparse_mezo_threshold = BufferDict({}, persistent=True)
         self.merged_adapters = []
         self._merged_index: dict[str, torch.Tensor] = {}
+        self._row_offset_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
         self.update_layer(adapter_name, density, delta_dtype)
 
     def update_layer(self, adapter_name: str, density: float, delta_dtype: str) -> None:
@@ -56,11 +57,12 @@ class SparseMezoLinear(nn.Module, BaseTunerLayer):
 
     def _row_offsets(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """Per row, the selected entries above it: fixed while ``w`` and the threshold are, so cached."""
-        key = (name, w.data_ptr(), w._version, self.sparse_mezo_threshold[name].data_ptr())
-        if getattr(self, "_offsets_key", None) != key:
-            self._offsets_key = key
-            self._offsets = kernel.row_offsets(w, self.sparse_mezo_threshold[name])
-        return self._offsets
+        threshold = self.sparse_mezo_threshold[name]
+        key = (w.data_ptr(), w._version, threshold.data_ptr())
+        hit = self._row_offset_cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._row_offset_cache[name] = (key, kernel.row_offsets(w, threshold))
+        return hit[1]
 
     def effective_weight(self) -> torch.Tensor:
         """``W`` with each active delta added at its selected entries.
