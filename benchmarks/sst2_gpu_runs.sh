@@ -5,7 +5,10 @@
 #   ZSTEPS-step cosine schedule, as many steps as fit in LIMIT seconds), optim (optimizer-state benchmark).
 #   e.g. RUNS="qst spiel:1e-3 mezo:1e-5 smezo:2e-5"
 # BENCH="qst peqa mezo" runs `qft bench SUITE --shape llama3-8b` one after another on GPU BENCH_GPU while the
-# SST-2 jobs use GPU SST2_GPU (give both the same number on a one-GPU machine; the speed ratios then suffer).
+# SST-2 jobs use GPU SST2_GPU (give both the same number on a one-GPU machine; the speed ratios then suffer);
+# SUITE:PATH,PATH runs only those paths. RUNS2 jobs start on BENCH_GPU once the benchmarks are done.
+# GPU_TESTS="tests/x.py ..." runs those tests on BENCH_GPU first (log: gpu-tests.log).
+# qst:LR:KEY=VALUE passes one finetune option to a qst job (e.g. qst:3e-3:downsample=pool).
 # The ZO jobs keep checkpoints in /tmp/work: the same command again, while the machine is still warm, continues
 # them from where the time limit stopped them (the curve so far is read back from /tmp/res).
 # LIMIT counts from the script's start (the model conversion included): keep it 30 s under the call's limit.
@@ -22,14 +25,16 @@ mkdir -p /tmp/qftcache/gguf /tmp/res /tmp/work
 [ -s $G ] || cat /tmp/smollm2-a.part .kit/smollm2-b/part > $G
 M=$(python3 -c "from qft.models import default_model_path; print(default_model_path())" 2>/tmp/res/convert.log | tail -1)
 echo "model $M at $SECONDS s" >> /tmp/res/main.log
-R="timeout $((LIMIT - SECONDS)) python3 -m qft.bench.sst2 --model $M --data /tmp/sst2 --steps"
+P="python3 -m qft.bench.sst2 --model $M --data /tmp/sst2 --steps"
 Z="$ZSTEPS --curve-every 500 --zo-objective label-words"
-export CUDA_VISIBLE_DEVICES=$SST2_GPU
-for run in $RUNS; do
-  job=${run%%:*}; lr=${run#*:}; [ "$lr" = "$run" ] && lr=""
-  name=$job${lr:+-$lr}
+job() {  # job RUN GPU: start one SST-2 job (NAME, NAME:LR or qst:LR:KEY=VALUE) in the background on GPU GPU
+  local job=${1%%:*} lr=${1#*:} opt=""; [ "$lr" = "$1" ] && lr=""
+  case $lr in *:*) opt=${lr#*:}; lr=${lr%%:*} ;; esac
+  local name=$job${lr:+-$lr}${opt:+-$opt} R="timeout $((LIMIT - SECONDS)) $P"
+  export CUDA_VISIBLE_DEVICES=$2
   case $job in
-    qst) $R 300 --methods qst ${lr:+--lr qst=$lr} --out /tmp/res/$name.json > /tmp/res/$name.log 2>&1 & ;;
+    qst) $R 300 --methods qst ${lr:+--lr qst=$lr} ${opt:+--option qst:$opt} --out /tmp/res/$name.json \
+           > /tmp/res/$name.log 2>&1 & ;;
     spiel) $R 300 --methods spiel ${lr:+--lr spiel=$lr} --option spiel:density=lora:8 --out /tmp/res/$name.json \
              > /tmp/res/$name.log 2>&1 & ;;
     peqa3) $R 300 --methods peqa --option peqa:bits=3 --out /tmp/res/$name.json > /tmp/res/$name.log 2>&1 & ;;
@@ -40,14 +45,19 @@ for run in $RUNS; do
     optim) QFT_BENCH_DIR=/tmp timeout 400 python3 -m qft.cli bench optim --shape tinyllama-1.1b \
              --out /tmp/res/optim-tinyllama-1.1b.json > /tmp/res/optim-1.1b.log 2>&1 & ;;
   esac
-done
-if [ -n "$BENCH" ]; then
+}
+for run in $RUNS; do job $run $SST2_GPU; done
+if [ -n "$BENCH$RUNS2$GPU_TESTS" ]; then
   (export CUDA_VISIBLE_DEVICES=$BENCH_GPU QFT_BENCH_DIR=/tmp
-   for suite in $BENCH; do
+   [ -n "$GPU_TESTS" ] && timeout 200 python3 -m pytest -q -p no:cacheprovider $GPU_TESTS > /tmp/res/gpu-tests.log 2>&1
+   for spec in $BENCH; do  # SUITE or SUITE:PATH,PATH
+     suite=${spec%%:*}; paths=${spec#*:}; [ "$paths" = "$spec" ] && paths=""
      [ -s /tmp/res/$suite-llama3-8b.json ] && continue  # done in an earlier call
-     timeout $((LIMIT - SECONDS)) python3 -m qft.cli bench $suite --shape llama3-8b \
+     timeout $((LIMIT - SECONDS)) python3 -m qft.cli bench $suite --shape llama3-8b ${paths:+--paths $paths} \
        --out /tmp/res/$suite-llama3-8b.json > /tmp/res/$suite-8b.log 2>&1
-   done) &
+   done
+   for run in $RUNS2; do job $run $BENCH_GPU; done  # after the benchmarks, on their GPU
+   wait) &
 fi
 wait
 echo "done at $SECONDS s" >> /tmp/res/main.log
