@@ -35,6 +35,8 @@ class FinetuneConfig:
         "help": "Optimizer steps (default: 80 on the default task, else one epoch)."})
     learning_rate: float | None = field(default=None, metadata={
         "help": "Peak learning rate (default: the method's, 5e-4 for first-order methods, 1e-6 for MeZO)."})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "Decoupled weight decay of the optimizer (MeZO/Sparse-MeZO: ZO-SGD's decay of 2-D weights)."})
     batch_size: int = field(default=8, metadata={"help": "Examples per device per step."})
     grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
     max_length: int = field(default=512, metadata={"help": "Truncate examples to this many tokens."})
@@ -64,6 +66,8 @@ class FinetuneConfig:
         "help": "SpIEL: put the sparse delta on a 4-bit NF4 base (sparse QLoRA) instead of a float base."})
     side_reduction: int = field(default=16, metadata={"help": "QST: side network width = hidden size / this."})
     downsample: str = field(default="lora", metadata={"help": "QST: downsample modules (lora, pool or linear)."})
+    side_input_norm: bool = field(default=False, metadata={
+        "help": "QST: RMS-normalise each LLM hidden state before its downsample (tames massive activations)."})
     zo_eps: float = field(default=1e-3, metadata={"help": "MeZO: perturbation scale epsilon."})
     zo_samples: int = field(default=1, metadata={"help": "MeZO: random directions (q) per step."})
     zo_distribution: str = field(default="gaussian", metadata={
@@ -107,6 +111,8 @@ class FinetuneConfig:
                                f"pass a positive --{name.replace('_', '-')}")
         if not 0 <= self.lora_dropout < 1:
             raise QftError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}", "pass e.g. 0.05")
+        if not 0 <= self.weight_decay < 1:
+            raise QftError(f"--weight-decay must be in [0, 1), got {self.weight_decay}", "pass e.g. 0.01")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise QftError(f"--learning-rate must be positive, got {self.learning_rate}", "pass e.g. 2e-4")
         from qft.optim import check_optimizer_name
@@ -239,7 +245,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
         plan.after_load(model)
     cuda = torch.cuda.is_available()
     learning_rate = cfg.learning_rate or plan.default_lr
-    optimizer = resolve_optimizer(cfg.optim, learning_rate)
+    optimizer = resolve_optimizer(cfg.optim, learning_rate, cfg.weight_decay)
     if cfg.eval_steps and eval_ds is None:  # the default task: hold out some of its training prompts
         train_ds, eval_ds = _split_eval(train_ds, cfg.seed)
         if eval_ds is None:
@@ -249,7 +255,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
         output_dir=str(out / "checkpoints"),
         max_steps=max_steps, num_train_epochs=1,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=learning_rate,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=learning_rate, weight_decay=cfg.weight_decay,
         lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
         report_to="none", disable_tqdm=True, bf16=cuda, use_cpu=not cuda, max_length=cfg.max_length,

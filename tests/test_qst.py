@@ -35,6 +35,7 @@ CASES = [
     *(MethodCase("qst", f, _float_base, _qst(), "qst_") for f in FAMILIES),
     *(MethodCase("qst-nf4", f, _nf4_base, _qst(), "qst_") for f in FAMILIES),
     *(MethodCase(f"qst-{d}", "llama", _float_base, _qst(downsample=d), "qst_") for d in ("pool", "maxpool", "linear")),
+    MethodCase("qst-input-norm", "llama", _float_base, _qst(input_norm=True), "qst_"),
 ]
 
 
@@ -204,6 +205,28 @@ def test_output_gate_is_stored_scaled_down():
         mixed = logits(model, x)
     # the head is linear, so the logits mix like the states: 0.9 base + 0.1 side
     torch.testing.assert_close(mixed, 0.9 * base + 0.1 * side_only, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("downsample", ["lora", "pool"])
+def test_input_norm_makes_the_side_network_blind_to_each_tokens_scale(downsample):
+    """With input_norm, a token's hidden state scaled by 1000 (a massive activation) feeds the downsample the same
+    input; without it, the side network's output moves."""
+    torch.manual_seed(0)
+    states = [torch.randn(2, 5, 64) for _ in range(3)]
+    final = torch.randn(2, 5, 64)
+    louder = [h.clone() for h in states]
+    for h in louder:
+        h[:, 0] *= 1000.0
+    for norm in (True, False):
+        net = get_peft_model(tiny_model("llama"), QstConfig(r=4, downsample=downsample, input_norm=norm))
+        side = net.base_model.model.qst_side.qst_net["default"]
+        with torch.no_grad():
+            side.beta.fill_(0.1 / side.output_gate_scale)
+            a, b = side(states, final, None), side(louder, final, None)
+        if norm:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        else:
+            assert (a - b).abs().max() > 1e-2
 
 
 def test_pool_matches_reference():

@@ -120,6 +120,7 @@ CASES = [
     ("bits", {"method": "peqa", "bits": 5}, ["bits=5"]),
     ("sparsity", {"method": "sparse-mezo", "density": "1.5"}, ["--density"]),
     ("zo-eps", {"method": "mezo", "zo_eps": 0.0}, ["eps"]),
+    ("weight-decay", {"weight_decay": 1.5}, ["--weight-decay"]),
     ("unknown-method", {"method": "qlroa"}, ["did you mean 'qlora'"]),
     ("output-unwritable", {"output": "/sys/qft-robustness-out"}, ["not writable"]),
     ("output-under-a-file", {"output": "@root/a-file/out"}, ["is a file"]),

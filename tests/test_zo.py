@@ -206,3 +206,25 @@ def test_zo_distribution_option_is_checked():
         FinetuneConfig(method="mezo", zo_distribution="uniform")
     with pytest.raises(QftError, match="applies to mezo and sparse-mezo"):
         FinetuneConfig(method="qlora", zo_distribution="rademacher")
+
+
+@pytest.mark.parametrize("method", ["qlora", "mezo"])
+def test_weight_decay_option_reaches_the_optimizer(tiny_model_dir, jsonl, tmp_path, method):
+    from transformers import TrainerCallback
+
+    from qft.train import FinetuneConfig, finetune
+
+    seen = {}
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            seen["args"] = args.weight_decay
+            opt = getattr(optimizer, "optimizer", optimizer)
+            seen["groups"] = sorted({g["weight_decay"] for g in opt.param_groups})
+
+    finetune(FinetuneConfig(model=str(tiny_model_dir), data=str(jsonl("text")), output=str(tmp_path / "o"),
+                            method=method, max_steps=1, batch_size=4, weight_decay=0.05),
+             log=lambda m: None, progress=False, callbacks=[Record()])
+    assert seen["args"] == 0.05
+    # the Trainer's AdamW exempts biases and norms (a group at 0); ZO-SGD decays only 2-D weights itself
+    assert 0.05 in seen["groups"]

@@ -182,6 +182,8 @@ def main() -> None:
 
 
 def _scalar(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     for kind in (int, float):
         try:
             return kind(text)

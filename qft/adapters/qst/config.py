@@ -32,6 +32,11 @@ class QstConfig(PeftConfig):
         "help": "The output gate beta (1 - the paper's alpha) is stored as beta / this: under Adam it then moves "
                 "this many times faster than the side network's weights. At 1, beta crept to about 0.1 in 300 "
                 "steps and the side network's output barely reached the head (SmolLM2, SST-2)."})
+    input_norm: bool = field(default=False, metadata={
+        "help": "RMS-normalise each hidden state (per token, no weights) before its downsample, as each LLM layer "
+                "normalises its own input. LLM hidden states carry 'massive activations' (SmolLM2-135M: the first "
+                "token's state has RMS ~930 and entries of 22,000 from layer 12 on, other tokens RMS 3 to 30), "
+                "which otherwise dominate the downsample's inputs and gradients."})
     gate_init: float = field(default=0.0, metadata={
         "help": "Initial logit of each layer's gate; the side state is (1-sigmoid(g)) * downsampled + "
                 "sigmoid(g) * previous side state (0 gives 0.5, as in the paper)."})

@@ -2,11 +2,12 @@
 
 Per backbone layer i (hidden states h_0 = embeddings, h_1 .. h_L = layer outputs, from the frozen LLM):
 
-    s_0 = down_0(h_0)
-    s_i = block_i((1 - sigmoid(g_i)) * down_i(h_i) + sigmoid(g_i) * s_{i-1})        i = 1..L
+    s_0 = down_0(n(h_0))
+    s_i = block_i((1 - sigmoid(g_i)) * down_i(n(h_i)) + sigmoid(g_i) * s_{i-1})        i = 1..L
     out = (1 - beta) * h_L + beta * up(norm(s_L))                                    beta starts at 0
 
-h_L is the decoder's ``last_hidden_state`` (after its final norm, as transformers 5 reports it); ``out``
+n is the identity, or an RMS norm per token with ``input_norm`` (the LLM's hidden states carry massive
+activations). h_L is the decoder's ``last_hidden_state`` (after its final norm, as transformers 5 reports it); ``out``
 replaces it, so it goes into the LLM's frozen LM head. The side width is hidden / r. The paper's output gate
 alpha = 1 - beta starts at 1, so at initialisation the model's output is exactly the LLM's (the reference
 code instead starts a per-dimension sigmoid gate at sigmoid(1) = 0.73, which does not reproduce the LLM at
@@ -19,6 +20,7 @@ gradient's size, moves this one scalar faster than the side network's weights.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.activations import ACT2FN
@@ -110,16 +112,21 @@ class SideNetwork(nn.Module):
         self.beta = nn.Parameter(torch.zeros(()))  # output mix / output_gate_scale; 0 = the LLM alone
         self.output_gate_scale = float(cfg.output_gate_scale)
         self.drop = nn.Dropout(cfg.dropout)
+        self.input_norm = bool(cfg.input_norm)
+
+    def _input(self, h: torch.Tensor, device, dtype) -> torch.Tensor:
+        h = h.to(device, dtype)
+        return F.rms_norm(h, (h.shape[-1],), eps=1e-6) if self.input_norm else h
 
     def forward(self, hidden_states, final: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """hidden_states: L+1 tensors (batch, seq, hidden); final: (batch, seq, out_dim) that feeds the LM head."""
         device, dtype = self.up.weight.device, self.up.weight.dtype  # the LLM may be bf16 and spread over GPUs
         b, t = final.shape[:2]
         mask = side_attention_mask(attention_mask, b, t, device)
-        side = self.drop(self.down[0](hidden_states[0].to(device, dtype)))
+        side = self.drop(self.down[0](self._input(hidden_states[0], device, dtype)))
         gates = torch.sigmoid(self.gates)
         for i, block in enumerate(self.blocks):
-            down = self.drop(self.down[i + 1](hidden_states[i + 1].to(device, dtype)))
+            down = self.drop(self.down[i + 1](self._input(hidden_states[i + 1], device, dtype)))
             side = block((1 - gates[i]) * down + gates[i] * side, mask)
         up = self.up(self.norm(side))
         # (1 - beta) * h_L + beta * up, in the side network's precision, then h_L's: exactly h_L while beta is 0
