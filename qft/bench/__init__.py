@@ -48,8 +48,7 @@ SUITES = {
     "mezo": {
         "inference": "two bf16 forward passes (the floor a ZO step is measured against)",
         "mezo-plain": "MeZO's reference loop: in-place per-tensor +eps, fwd, -2eps, fwd, +eps, update",
-        "qft-mezo": "qft: perturbation inside each decoder layer's forward, fused Triton kernels (one launch per layer, one for the update), the next layer's copies made on a side stream during each layer",
-        "qft-mezo-serial": "qft-mezo on one stream (QFT_ZO_AHEAD=0): each layer's copies made when it runs",
+        "qft-mezo": "qft: perturbation inside each decoder layer's forward, fused Triton kernels (one launch per layer, one for the update)",
         "qft-mezo-rademacher": "qft MeZO with ±1 directions (--zo-distribution rademacher): 128 signs per Philox draw",
         "qft-sparse-mezo": "qft Sparse-MeZO, density 0.2 of every linear layer (deltas of the smallest weights)",
     },

@@ -2,9 +2,7 @@
 
 Paths: ``inference`` (two forward passes, the floor a ZO step is measured against), ``mezo-plain`` (the
 reference per-tensor in-place loop: +eps, forward, -2eps, forward, +eps, update; as MeZO's code does it),
-``qft-mezo`` (qft: perturbation inside each decoder layer's forward, fused Triton kernels, the next layer's
-copies made on a side stream while a layer computes), ``qft-mezo-serial`` (the same on one stream,
-``QFT_ZO_AHEAD=0``), ``qft-mezo-rademacher`` (±1 directions), ``qft-sparse-mezo`` (qft
+``qft-mezo`` (qft: perturbation inside each decoder layer's forward, fused Triton kernels), ``qft-sparse-mezo`` (qft
 Sparse-MeZO at density 0.2 over every linear layer: the perturbed values are the selected entries' deltas).
 """
 
@@ -12,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -34,8 +31,6 @@ def main() -> None:
     from qft.zo.spsa import apply_update_, perturb_inplace_
     from qft.zo.trainer import zo_projected_grad
 
-    if a.path == "qft-mezo-serial":
-        os.environ["QFT_ZO_AHEAD"] = "0"
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if cuda else torch.float32).to(device)
@@ -77,7 +72,7 @@ def main() -> None:
         opt.step()
 
     step = {"inference": step_inference, "mezo-plain": step_plain, "qft-mezo": step_qft,
-            "qft-mezo-rademacher": step_qft, "qft-mezo-serial": step_qft,
+            "qft-mezo-rademacher": step_qft,
             "qft-sparse-mezo": step_qft}[a.path]
     for _ in range(a.warmup):
         step()

@@ -20,7 +20,6 @@ z costs one Philox draw per 128 elements instead of one per 4 plus Box-Muller.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -127,10 +126,6 @@ def perturbed_copies(ps: Sequence[torch.Tensor], step_seed: int, indices: Sequen
     return out
 
 
-def _ahead_enabled() -> bool:
-    return os.environ.get("QFT_ZO_AHEAD", "1") != "0"
-
-
 @contextlib.contextmanager
 def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, scale: float,
               mask_fn: MaskFn | None = None, dist: str = "gaussian"):
@@ -138,14 +133,8 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
 
     The module whose forward uses a parameter (see :func:`_runner`: its decoder layer, or its owner) gets a
     pre-hook that swaps in perturbed copies for the duration of its forward, and a hook that swaps the
-    originals back, so at most one layer's perturbed weights exist at a time (two on a GPU, below). Yields the
-    set of parameter ids perturbed so far, so callers can check that every tuned tensor took part.
-
-    On a GPU, while one layer computes, the next layer's copies are made on a side stream
-    (:func:`triton_ops.copies_ahead`): the copies are memory-bound and the layer's matmuls compute-bound, so
-    the two overlap. "Next" is the order of registration (``named_modules``), which is the order a decoder
-    runs its layers; a module that runs out of that order just makes its copies when it runs.
-    ``QFT_ZO_AHEAD=0`` turns this off (one stream, copies made when needed).
+    originals back, so at most one layer's perturbed weights exist at a time. Yields the set of parameter
+    ids perturbed so far, so callers can check that every tuned tensor took part.
     """
     index = {id(p): i for i, p in enumerate(params)}
     modules = dict(model.named_modules())
@@ -155,41 +144,18 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
         if slots:
             runner = _runner(name, holder, modules)
             plan.setdefault(id(runner), (runner, []))[1].extend(slots)
-    order = list(plan.values())
     seen: set[int] = set()
-    ran: set[int] = set()  # positions in ``order`` whose forward has started
-    ahead: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], object]] = {}  # position -> (θs, copies, event)
 
-    def current(pos):
-        return [holder._parameters[pname] for holder, pname in order[pos][1]]
-
-    def make_ahead(pos):
-        if pos >= len(order) or pos in ran or pos in ahead or not _ahead_enabled():
-            return
-        ps = current(pos)
-        if not (ps[0].is_cuda and all(triton_ops.usable(p, mask_fn) and p.device == ps[0].device for p in ps)):
-            return
-        copies, event = triton_ops.copies_ahead(ps, [tensor_seed(step_seed, index[id(p)]) for p in ps], scale, dist)
-        ahead[pos] = (ps, copies, event)
-
-    def make_hooks(pos):
-        slots = order[pos][1]
+    def make_hooks(slots):
         saved: list[tuple[nn.Module, str, nn.Parameter]] = []
 
         def pre_hook(module, args):
-            ran.add(pos)
-            ps = current(pos)
-            made = ahead.pop(pos, None)
-            if made is not None and all(a is b for a, b in zip(made[0], ps)):
-                torch.cuda.current_stream(ps[0].device).wait_event(made[2])
-                copies = made[1]
-            else:
-                copies = perturbed_copies(ps, step_seed, [index[id(p)] for p in ps], scale, mask_fn, dist)
+            ps = [holder._parameters[pname] for holder, pname in slots]
+            copies = perturbed_copies(ps, step_seed, [index[id(p)] for p in ps], scale, mask_fn, dist)
             for (holder, pname), p, c in zip(slots, ps, copies):
                 saved.append((holder, pname, p))
                 seen.add(id(p))
                 holder._parameters[pname] = c
-            make_ahead(pos + 1)
 
         def post_hook(module, args, output):
             restore()
@@ -203,21 +169,17 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
 
     handles, restorers = [], []
     try:
-        for pos, (runner, _) in enumerate(order):
-            pre, post, restore = make_hooks(pos)
+        for runner, slots in plan.values():
+            pre, post, restore = make_hooks(slots)
             handles.append(runner.register_forward_pre_hook(pre))
             handles.append(runner.register_forward_hook(post, always_call=True))
             restorers.append(restore)
-        make_ahead(0)
         yield seen
     finally:
         for h in handles:
             h.remove()
         for restore in restorers:  # a forward that raised mid-way
             restore()
-        for ps, _, event in ahead.values():  # copies never used: their memory is free only once they are written
-            torch.cuda.current_stream(ps[0].device).wait_event(event)
-        ahead.clear()
 
 
 def _bucketed_pieces(params: Sequence[torch.Tensor], max_bytes: int):

@@ -170,38 +170,6 @@ def perturbed_copies(tensors: Sequence[torch.Tensor], seeds: Sequence[int], scal
     return out
 
 
-_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
-
-
-def side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """One stream per device for perturbed copies made ahead of their use (:func:`copies_ahead`)."""
-    s = _SIDE_STREAMS.get(device)
-    if s is None:
-        s = _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
-    return s
-
-
-def copies_ahead(tensors: Sequence[torch.Tensor], seeds: Sequence[int], scale: float, dist: str = "gaussian"):
-    """:func:`perturbed_copies` made on the side stream while the current stream computes: (copies, event).
-
-    The memory is allocated on the current stream (so it is freed in that stream's order, as if made there), and
-    the side stream first waits for the current stream's queued work, which may still read memory the allocator
-    hands back here. Wait for the event on the current stream before using the copies, and before dropping
-    unused ones.
-    """
-    device = tensors[0].device
-    main, side = torch.cuda.current_stream(device), side_stream(device)
-    bufs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        for (dev, dtype), idx in _by_kind(tensors).items():
-            _launch([tensors[i].detach() for i in idx], [bufs[i] for i in idx], [seeds[i] for i in idx], scale,
-                    dist=dist)
-        done = torch.cuda.Event()
-        done.record(side)
-    return bufs, done
-
-
 def axpby_multi_(tensors: Sequence[torch.Tensor], seeds: Sequence[int], scale: float, keep: float = 1.0,
                  decay: Sequence[bool] | None = None, dist: str = "gaussian") -> None:
     """In place: ``θ_t ← keep_t·θ_t + scale·z(seed_t)`` with ``keep_t = keep`` where ``decay[t]``, else 1
