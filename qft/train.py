@@ -71,8 +71,8 @@ class FinetuneConfig:
     zo_eps: float = field(default=1e-3, metadata={"help": "MeZO: perturbation scale epsilon."})
     zo_samples: int = field(default=1, metadata={"help": "MeZO: random directions (q) per step."})
     zo_distribution: str = field(default="gaussian", metadata={
-        "help": "MeZO: distribution of the random directions: 'gaussian' (MeZO's) or 'rademacher' (±1, classic SPSA; "
-                "cheaper to draw on a GPU)."})
+        "help": "MeZO: distribution of the random directions: 'gaussian' (MeZO's), 'rademacher' (±1, classic SPSA; "
+                "cheaper to draw on a GPU) or 'rank1' (u·vᵀ per weight matrix, as in LOZO: no weight copies)."})
     zo_objective: str = field(default="loss", metadata={
         "help": "MeZO: what the two forwards measure: 'loss' (the LM loss on the completions) or 'label-words' "
                 "(cross-entropy over the data's label words, MeZO's prompt-based classification objective)."})
@@ -124,7 +124,7 @@ class FinetuneConfig:
         from qft.zo.spsa import DISTRIBUTIONS
 
         if self.zo_distribution not in DISTRIBUTIONS:
-            raise QftError(f"unknown --zo-distribution {self.zo_distribution!r}", f"pass {' or '.join(DISTRIBUTIONS)}")
+            raise QftError(f"unknown --zo-distribution {self.zo_distribution!r}", f"pass one of {', '.join(DISTRIBUTIONS)}")
         if self.zo_distribution != "gaussian" and self.method not in ("mezo", "sparse-mezo"):
             raise QftError(f"--zo-distribution applies to mezo and sparse-mezo, not {self.method}",
                            "leave --zo-distribution out, or pass --method mezo")

@@ -75,3 +75,26 @@ def test_rademacher_directions_on_the_gpu():
     q = p.normal_()
     torch.testing.assert_close(triton_ops.perturbed_copy(q, 3, 0.5, "rademacher").float(), q.float() + 0.5 * z,
                                atol=2e-2, rtol=2e-2)
+
+
+def test_rank1_directions_on_the_gpu_match_the_reference():
+    """rank1 on CUDA: hooks on the matrices, the Triton kernels on the vectors, against the in-place reference."""
+    import copy
+
+    from qft.zo.spsa import perturb_inplace_
+    from tests.tiny import tiny_inputs, tiny_model
+
+    model = tiny_model("llama").cuda()
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = {k: v.cuda() for k, v in tiny_inputs(model, batch=4, seq=32).items()}
+    with torch.no_grad():
+        with perturbed(model, params, 4, 1e-2, dist="rank1") as seen:
+            ours = model(**x).logits
+        assert len(seen) == len(params)
+        ref = copy.deepcopy(model)
+        perturb_inplace_([p for p in ref.parameters() if p.requires_grad], 4, 1e-2, dist="rank1")
+        torch.testing.assert_close(ours, ref(**x).logits, atol=1e-4, rtol=1e-4)
+    w = params[1]
+    before = w.detach().clone()
+    apply_update_(params, [(4, 3.0)], lr=0.1, dist="rank1")
+    torch.testing.assert_close(w, before - 0.3 * direction(before, 4, 1, dist="rank1"), atol=1e-5, rtol=1e-5)

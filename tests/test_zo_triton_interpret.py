@@ -83,7 +83,7 @@ def test_one_launch_over_many_tensors_equals_one_launch_each(ops, dtype):
 
 
 @inside
-@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "rank1"])  # rank1: the vectors take the kernels
 def test_layer_grouped_perturbation_and_update_agree_with_the_directions(ops, dist):
     from qft.zo.spsa import apply_update_, direction, perturbed
 

@@ -2,7 +2,8 @@
 
 Paths: ``inference`` (two forward passes, the floor a ZO step is measured against), ``mezo-plain`` (the
 reference per-tensor in-place loop: +eps, forward, -2eps, forward, +eps, update; as MeZO's code does it),
-``qft-mezo`` (qft: perturbation inside each decoder layer's forward, fused Triton kernels), ``qft-sparse-mezo`` (qft
+``qft-mezo`` (qft: perturbation inside each decoder layer's forward, fused Triton kernels), ``qft-mezo-rademacher``
+and ``qft-mezo-rank1`` (the same with ±1 or rank-one directions), ``qft-sparse-mezo`` (qft
 Sparse-MeZO at density 0.2 over every linear layer: the perturbed values are the selected entries' deltas).
 """
 
@@ -45,7 +46,7 @@ def main() -> None:
         model = get_peft_model(model, SparseMezoConfig(density=0.2, target_modules="all-linear"))
     params = [p for p in model.parameters() if p.requires_grad]  # all weights; Sparse-MeZO: its deltas
     loss_fn = lambda: model(input_ids=ids, labels=ids, use_cache=False).loss  # noqa: E731
-    dist = "rademacher" if a.path == "qft-mezo-rademacher" else "gaussian"
+    dist = {"qft-mezo-rademacher": "rademacher", "qft-mezo-rank1": "rank1"}.get(a.path, "gaussian")
     opt = ZoSGD(params, lr=1e-7, seed=0, dist=dist)
 
     def step_inference():
@@ -72,7 +73,7 @@ def main() -> None:
         opt.step()
 
     step = {"inference": step_inference, "mezo-plain": step_plain, "qft-mezo": step_qft,
-            "qft-mezo-rademacher": step_qft,
+            "qft-mezo-rademacher": step_qft, "qft-mezo-rank1": step_qft,
             "qft-sparse-mezo": step_qft}[a.path]
     for _ in range(a.warmup):
         step()

@@ -14,7 +14,9 @@ the fly from the current tensor and never stored.
 
 ``dist`` chooses z's distribution: ``gaussian`` (MeZO's standard normal) or ``rademacher`` (±1 with equal
 odds, classic SPSA; E[zzᵀ] = I as well, so the estimate stays unbiased up to O(ε²)). On the GPU a Rademacher
-z costs one Philox draw per 128 elements instead of one per 4 plus Box-Muller.
+z costs one Philox draw per 128 elements instead of one per 4 plus Box-Muller. ``rank1`` draws each weight
+matrix's z as u·vᵀ (:mod:`qft.zo.lowrank`), applied by forward hooks without touching the weights, and other
+tensors' z as Gaussian.
 """
 
 from __future__ import annotations
@@ -25,11 +27,21 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from qft.zo import triton_ops
+from qft.zo import lowrank, triton_ops
 
 MaskFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 _MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio (Knuth's multiplicative hashing constant)
-DISTRIBUTIONS = ("gaussian", "rademacher")
+DISTRIBUTIONS = ("gaussian", "rademacher", "rank1")
+
+
+def _rank1(p: torch.Tensor, dist: str) -> bool:
+    """Whether ``p``'s z is rank one: a matrix under ``dist="rank1"``."""
+    return dist == "rank1" and p.dim() == 2
+
+
+def _dense(dist: str) -> str:
+    """The elementwise distribution of the tensors that are not rank one."""
+    return "gaussian" if dist == "rank1" else dist
 
 
 CHUNK = 2**24  # elements per generated piece of z: bounds the extra memory of a step to one piece
@@ -66,6 +78,11 @@ def direction_piece(p: torch.Tensor, step_seed: int, index: int, piece: int, sta
 def direction(p: torch.Tensor, step_seed: int, index: int, mask_fn: MaskFn | None = None,
               dist: str = "gaussian") -> torch.Tensor:
     """The whole z of tensor ``index`` (for references and tests; the training path works piece by piece)."""
+    if _rank1(p, dist):
+        z = lowrank.direction(p, tensor_seed(step_seed, index)).to(p.dtype)
+        mask = mask_fn(p.detach().reshape(-1)) if mask_fn is not None else None
+        return z if mask is None else z * mask.view(p.shape)
+    dist = _dense(dist)
     if triton_ops.usable(p, mask_fn):
         return triton_ops.direction(p, tensor_seed(step_seed, index), dist).to(p.dtype)
     parts = [direction_piece(p, step_seed, index, k, a, b, mask_fn, dist) for k, a, b in _pieces(p.numel())]
@@ -77,6 +94,9 @@ def perturbed_copy(p: torch.Tensor, step_seed: int, index: int, scale: float,
     """θ + scale·z as a new tensor, built piece by piece (one copy of θ plus one piece of z).
 
     On CUDA the fused Triton kernel does it in one pass (:mod:`qft.zo.triton_ops`)."""
+    if _rank1(p, dist):  # a matrix no hook can take: u·vᵀ materialized
+        return (p.detach().float() + scale * direction(p, step_seed, index, mask_fn, dist).float()).to(p.dtype)
+    dist = _dense(dist)
     if triton_ops.usable(p, mask_fn):
         return triton_ops.perturbed_copy(p, tensor_seed(step_seed, index), scale, dist)
     out = p.detach().clone()
@@ -114,10 +134,10 @@ def perturbed_copies(ps: Sequence[torch.Tensor], step_seed: int, indices: Sequen
                      mask_fn: MaskFn | None = None, dist: str = "gaussian") -> list[torch.Tensor]:
     """:func:`perturbed_copy` of each tensor; those the fused kernel takes go in one launch per dtype."""
     out = [None] * len(ps)
-    fused = [k for k, p in enumerate(ps) if triton_ops.usable(p, mask_fn)]
+    fused = [k for k, p in enumerate(ps) if triton_ops.usable(p, mask_fn) and not _rank1(p, dist)]
     if fused:
         copies = triton_ops.perturbed_copies([ps[k] for k in fused],
-                                             [tensor_seed(step_seed, indices[k]) for k in fused], scale, dist)
+                                             [tensor_seed(step_seed, indices[k]) for k in fused], scale, _dense(dist))
         for k, c in zip(fused, copies):
             out[k] = c
     for k, p in enumerate(ps):
@@ -135,16 +155,41 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
     pre-hook that swaps in perturbed copies for the duration of its forward, and a hook that swaps the
     originals back, so at most one layer's perturbed weights exist at a time. Yields the set of parameter
     ids perturbed so far, so callers can check that every tuned tensor took part.
+
+    With ``dist="rank1"``, a matrix held only by plain linear, embedding or Conv1D modules is not copied at
+    all: a forward hook on each of its modules adds the rank-one term to the output (:mod:`qft.zo.lowrank`).
     """
     index = {id(p): i for i, p in enumerate(params)}
     modules = dict(model.named_modules())
-    plan: dict[int, tuple[nn.Module, list[tuple[nn.Module, str]]]] = {}
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for name, holder in modules.items():
-        slots = [(holder, n) for n, p in holder.named_parameters(recurse=False) if id(p) in index]
-        if slots:
-            runner = _runner(name, holder, modules)
-            plan.setdefault(id(runner), (runner, []))[1].extend(slots)
+        for n, p in holder.named_parameters(recurse=False):
+            if id(p) in index:
+                holders.setdefault(id(p), []).append((name, holder, n))
+    hooked = {pid for pid, hs in holders.items()
+              if mask_fn is None and _rank1(params[index[pid]], dist) and all(lowrank.hook_kind(h, n) for _, h, n in hs)}
+    plan: dict[int, tuple[nn.Module, list[tuple[nn.Module, str]]]] = {}
+    for pid, hs in holders.items():
+        if pid not in hooked:
+            for name, holder, n in hs:
+                runner = _runner(name, holder, modules)
+                plan.setdefault(id(runner), (runner, []))[1].append((holder, n))
     seen: set[int] = set()
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # u, v of each hooked matrix, drawn once
+
+    def make_rank1_hook(holder, pname):
+        kind = lowrank.hook_kind(holder, pname)
+
+        def hook(module, args, kwargs, output):
+            p = holder._parameters[pname]
+            i = index[id(p)]
+            if i not in factors:
+                factors[i] = lowrank.factors(p, tensor_seed(step_seed, i))
+            seen.add(id(p))
+            x = args[0] if args else next(iter(kwargs.values()))
+            return lowrank.perturb_output(kind, x, output, *factors[i], scale)
+
+        return hook
 
     def make_hooks(slots):
         saved: list[tuple[nn.Module, str, nn.Parameter]] = []
@@ -169,6 +214,9 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
 
     handles, restorers = [], []
     try:
+        for pid in hooked:
+            for _, holder, n in holders[pid]:
+                handles.append(holder.register_forward_hook(make_rank1_hook(holder, n), with_kwargs=True))
         for runner, slots in plan.values():
             pre, post, restore = make_hooks(slots)
             handles.append(runner.register_forward_pre_hook(pre))
@@ -206,16 +254,27 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
     so the extra memory is one bucket, never a copy of the parameters.
     """
     with torch.no_grad():
-        fused = [i for i, p in enumerate(params) if triton_ops.usable(p, mask_fn)]
+        keep = 1.0 - lr * weight_decay if weight_decay and decay_mask is not None else 1.0
+        ranked = [i for i, p in enumerate(params) if _rank1(p, dist)]
+        for i in ranked:
+            k = keep if decay_mask is not None and decay_mask[i] else 1.0
+            if mask_fn is None:  # one addr_ per direction; the decay folded into the first
+                lowrank.update_(params[i], [(tensor_seed(seed, i), g) for seed, g in seeds_and_grads], lr, k)
+                continue
+            params[i].mul_(k)  # a mask: u·vᵀ materialized and masked
+            for seed, g in seeds_and_grads:
+                params[i].add_(direction(params[i], seed, i, mask_fn, dist), alpha=-lr * g)
+        fused = [i for i, p in enumerate(params)
+                 if triton_ops.usable(p, mask_fn) and not _rank1(p, dist)]
         if fused:  # one fused read-modify-write per direction (one launch per dtype); the first folds in the decay
-            keep = 1.0 - lr * weight_decay if weight_decay and decay_mask is not None else 1.0
             decay = [bool(decay_mask[i]) for i in fused] if decay_mask is not None else None
             for j, (seed, g) in enumerate(seeds_and_grads):
                 triton_ops.axpby_multi_([params[i] for i in fused], [tensor_seed(seed, i) for i in fused], -lr * g,
-                                        keep if j == 0 else 1.0, decay, dist)
-        fused = set(fused)
-        rest = [i for i in range(len(params)) if i not in fused]
-        _torch_update(params, rest, seeds_and_grads, lr, weight_decay, decay_mask, mask_fn, bucket_bytes, dist)
+                                        keep if j == 0 else 1.0, decay, _dense(dist))
+        done = set(fused) | set(ranked)
+        rest = [i for i in range(len(params)) if i not in done]
+        _torch_update(params, rest, seeds_and_grads, lr, weight_decay, decay_mask, mask_fn, bucket_bytes,
+                      _dense(dist))
 
 
 def _torch_update(params, which, seeds_and_grads, lr, weight_decay, decay_mask, mask_fn, bucket_bytes,

@@ -38,7 +38,8 @@ class ZoArguments:
         "help": "objective(model, inputs) -> scalar tensor to MINIMISE, e.g. minus accuracy; default: the LM loss."})
     mask_fn: MaskFn | None = field(default=None, metadata={"help": "Restrict z to entries (Sparse-MeZO)."})
     distribution: str = field(default="gaussian", metadata={
-        "help": "z's distribution: 'gaussian' (MeZO) or 'rademacher' (±1, classic SPSA)."})
+        "help": "z's distribution: 'gaussian' (MeZO), 'rademacher' (±1, classic SPSA) or 'rank1' (u·vᵀ per "
+                "weight matrix, applied by forward hooks without copying the weights; qft.zo.lowrank)."})
 
     def __post_init__(self):
         if not self.eps > 0:

@@ -1,0 +1,94 @@
+"""Rank-one ZO directions for weight matrices (``dist="rank1"``): z = u·vᵀ with u, v standard normal.
+
+The idea is LOZO's (Chen et al., 2024, "Enhancing Zeroth-order Fine-tuning for Language Models with Low-rank
+Structures", arXiv:2410.07698), at rank one and with both factors drawn afresh each step. z is still an unbiased
+direction: E[vec(uvᵀ)vec(uvᵀ)ᵀ] = E[vvᵀ] ⊗ E[uuᵀ] = I, as for a dense Gaussian z.
+
+What it buys is speed. A dense z must be added to the weights: a copy of every matrix per forward (or an
+in-place pass), which at the Llama-3-8B shape is most of a MeZO step's time over its two forwards. A rank-one
+z never touches the weights. For a linear layer y = x·Wᵀ, the perturbed output is
+
+    x·(W + ε·u·vᵀ)ᵀ = x·Wᵀ + ε·(x·v)·uᵀ
+
+so a forward hook adds a rank-one term to the output (one matrix-vector product with the input and one outer
+product into the output, both the size of activations). An embedding adds ε·u[ids]·vᵀ to its looked-up rows;
+GPT-2's Conv1D (y = x·W, W stored as in × out) adds ε·(x·u)·vᵀ. The update θ ← keep·θ − lr·g·u·vᵀ is one
+``addr_`` per matrix. u and v (m + n numbers per m × n matrix) are regenerated from the seed, never stored.
+
+Matrices whose modules are not plain ``nn.Linear`` / ``nn.Embedding`` / ``Conv1D`` (or that a mask restricts)
+get the same u·vᵀ materialized, through the copy path of :mod:`qft.zo.spsa`; tensors that are not matrices
+(norms, biases, Sparse-MeZO's deltas) get dense Gaussian directions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def factors(p: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v), float32 standard normals of lengths ``p.shape[0]`` and ``p.shape[1]``, on ``p``'s device."""
+    g = torch.Generator(device=p.device).manual_seed(seed)
+    u = torch.randn(p.shape[0], generator=g, device=p.device)
+    v = torch.randn(p.shape[1], generator=g, device=p.device)
+    return u, v
+
+
+def direction(p: torch.Tensor, seed: int) -> torch.Tensor:
+    """u·vᵀ materialized (float32): the copy path, masked directions and tests."""
+    u, v = factors(p, seed)
+    return torch.outer(u, v)
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def hook_kind(holder: nn.Module, pname: str) -> str | None:
+    """How a forward hook can apply the rank-one term for ``holder.<pname>``, or None when it cannot.
+
+    Exact module types only: a subclass may compute something else from its weight."""
+    if pname != "weight":
+        return None
+    kind = type(holder)
+    if kind is nn.Linear:
+        return "linear"
+    if kind is nn.Embedding and holder.max_norm is None:  # max_norm renormalizes the weight in place
+        return "embedding"
+    if kind is _conv1d_type():
+        return "conv1d"
+    return None
+
+
+def _add_outer(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """out + scale·a ⊗ b over out's last dimension (a: out's leading shape, b: its last), in place when no
+    autograd graph is being built."""
+    a, b = a.to(out.dtype), b.to(out.dtype)
+    if not torch.is_grad_enabled() and out.is_contiguous():
+        out.view(-1, out.shape[-1]).addr_(a.reshape(-1), b, alpha=scale)
+        return out
+    return out + scale * a.unsqueeze(-1) * b
+
+
+def perturb_output(kind: str, inputs: torch.Tensor, out: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """The module's output as if its weight were W + scale·u·vᵀ (``inputs``: its first positional argument)."""
+    if kind == "linear":  # W: out × in, u: out, v: in
+        return _add_outer(out, inputs @ v.to(inputs.dtype), u, scale)
+    if kind == "conv1d":  # W: in × out, u: in, v: out
+        return _add_outer(out, inputs @ u.to(inputs.dtype), v, scale)
+    return _add_outer(out, u[inputs], v, scale)  # embedding, W: num × dim, u: num, v: dim
+
+
+def update_(p: torch.Tensor, seeds_and_grads, lr: float, keep: float = 1.0) -> None:
+    """p ← keep·p − lr·Σ_j g_j·u_j·v_jᵀ, one ``addr_`` per direction (the decay folded into the first)."""
+    with torch.no_grad():
+        for j, (seed, g) in enumerate(seeds_and_grads):
+            u, v = factors(p, seed)
+            p.addr_(u.to(p.dtype), v.to(p.dtype), beta=keep if j == 0 else 1.0, alpha=-lr * g)
+        if not seeds_and_grads and keep != 1.0:
+            p.mul_(keep)
