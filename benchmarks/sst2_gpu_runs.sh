@@ -26,7 +26,9 @@ mkdir -p /tmp/qftcache/gguf /tmp/res /tmp/work
 M=$(python3 -c "from qft.models import default_model_path; print(default_model_path())" 2>/tmp/res/convert.log | tail -1)
 echo "model $M at $SECONDS s" >> /tmp/res/main.log
 P="python3 -m qft.bench.sst2 --model $M --data /tmp/sst2 --steps"
-Z="$ZSTEPS --curve-every 500 --zo-objective label-words"
+# ZO runs also save a checkpoint every 1,000 steps: twice on the H200 a MeZO process ended at the time limit's SIGTERM
+# without saving (or printing) anything, where the Sparse-MeZO processes beside it saved as they should
+Z="$ZSTEPS --curve-every 500 --zo-objective label-words --option mezo:save_steps=1000 --option sparse-mezo:save_steps=1000"
 job() {  # job RUN GPU: start one SST-2 job (NAME, NAME:LR or qst:LR:KEY=VALUE) in the background on GPU GPU
   local job=${1%%:*} lr=${1#*:} opt=""; [ "$lr" = "$1" ] && lr=""
   case $lr in *:*) opt=${lr#*:}; lr=${lr%%:*} ;; esac

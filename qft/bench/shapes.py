@@ -16,6 +16,9 @@ SHAPES = {
     # TinyLlama-1.1B (Zhang et al., 2024): config.json of TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+    # a small Llama for ratio measurements on a CPU (absolute times there mean little)
+    "cpu-small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16,
+                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
     # for CPU smoke tests of the harness itself
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=512),
