@@ -286,7 +286,7 @@ def test_zo_distribution_option_is_checked():
     from qft.train import FinetuneConfig
 
     assert FinetuneConfig(method="mezo", zo_distribution="rademacher").zo_distribution == "rademacher"
-    with pytest.raises(QftError, match="pass gaussian or rademacher"):
+    with pytest.raises(QftError, match="pass one of gaussian, rademacher, rank1"):
         FinetuneConfig(method="mezo", zo_distribution="uniform")
     with pytest.raises(QftError, match="applies to mezo and sparse-mezo"):
         FinetuneConfig(method="qlora", zo_distribution="rademacher")
