@@ -68,6 +68,8 @@ class FinetuneConfig:
     downsample: str = field(default="lora", metadata={"help": "QST: downsample modules (lora, pool or linear)."})
     side_input_norm: bool = field(default=False, metadata={
         "help": "QST: RMS-normalise each LLM hidden state before its downsample (tames massive activations)."})
+    side_uniform_attention: bool = field(default=False, metadata={
+        "help": "QST: start the side blocks' attention as a causal mean over positions (zero queries and keys)."})
     zo_eps: float = field(default=1e-3, metadata={"help": "MeZO: perturbation scale epsilon."})
     zo_samples: int = field(default=1, metadata={"help": "MeZO: random directions (q) per step."})
     zo_distribution: str = field(default="gaussian", metadata={

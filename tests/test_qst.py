@@ -36,6 +36,7 @@ CASES = [
     *(MethodCase("qst-nf4", f, _nf4_base, _qst(), "qst_") for f in FAMILIES),
     *(MethodCase(f"qst-{d}", "llama", _float_base, _qst(downsample=d), "qst_") for d in ("pool", "maxpool", "linear")),
     MethodCase("qst-input-norm", "llama", _float_base, _qst(input_norm=True), "qst_"),
+    MethodCase("qst-uniform-attention", "llama", _float_base, _qst(uniform_attention=True), "qst_"),
 ]
 
 
@@ -227,6 +228,22 @@ def test_input_norm_makes_the_side_network_blind_to_each_tokens_scale(downsample
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         else:
             assert (a - b).abs().max() > 1e-2
+
+
+def test_uniform_attention_starts_as_a_causal_mean():
+    """With uniform_attention, each side block's attention output at position t is the mean of the values at
+    positions <= t (queries and keys start at zero)."""
+    from qft.adapters.qst.layer import SideBlock
+
+    torch.manual_seed(0)
+    block = SideBlock(32, 4, 2, 0.0, uniform_attention=True).eval()
+    s = torch.randn(2, 6, 32)
+    mask = side_attention_mask(None, 2, 6, "cpu")
+    q, k, v = block.qkv(block.norm1(s)).view(2, 6, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    assert q.abs().max() == 0 and k.abs().max() == 0
+    causal_mean = v.cumsum(2) / torch.arange(1, 7).view(1, 1, 6, 1)
+    torch.testing.assert_close(side_attention(q, k, v, mask), causal_mean, atol=1e-6, rtol=1e-5)
+    assert SideBlock(32, 4, 2, 0.0).qkv.weight[:64].abs().max() > 0  # the default keeps PyTorch's random init
 
 
 def test_pool_matches_reference():

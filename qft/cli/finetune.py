@@ -55,6 +55,8 @@ def finetune_command(
     downsample: Optional[str] = typer.Option(None, "--downsample", help=H("downsample")),
     side_input_norm: Optional[bool] = typer.Option(None, "--side-input-norm/--no-side-input-norm",
                                                    help=H("side_input_norm")),
+    side_uniform_attention: Optional[bool] = typer.Option(
+        None, "--side-uniform-attention/--no-side-uniform-attention", help=H("side_uniform_attention")),
     zo_eps: Optional[float] = typer.Option(None, "--zo-eps", help=H("zo_eps")),
     zo_samples: Optional[int] = typer.Option(None, "--zo-samples", help=H("zo_samples")),
     zo_objective: Optional[str] = typer.Option(None, "--zo-objective", help=H("zo_objective")),

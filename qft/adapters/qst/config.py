@@ -37,6 +37,10 @@ class QstConfig(PeftConfig):
                 "normalises its own input. LLM hidden states carry 'massive activations' (SmolLM2-135M: the first "
                 "token's state has RMS ~930 and entries of 22,000 from layer 12 on, other tokens RMS 3 to 30), "
                 "which otherwise dominate the downsample's inputs and gradients."})
+    uniform_attention: bool = field(default=False, metadata={
+        "help": "Start each side block's query and key projections at zero, so its attention starts as a causal "
+                "mean over the positions so far. Linear probes on SmolLM2-135M's frozen states score 85.4 on SST-2 "
+                "when mean-pooled over the tokens, against 82.6 at the last token alone."})
     gate_init: float = field(default=0.0, metadata={
         "help": "Initial logit of each layer's gate; the side state is (1-sigmoid(g)) * downsampled + "
                 "sigmoid(g) * previous side state (0 gives 0.5, as in the paper)."})

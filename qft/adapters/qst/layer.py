@@ -73,11 +73,15 @@ class SideBlock(nn.Module):
     No positional encoding: its inputs are the LLM's hidden states, which already carry position.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float, uniform_attention: bool = False):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.norm1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
+        if uniform_attention:  # q = k = 0: every score is 0, so the attention is a causal mean of the values
+            with torch.no_grad():
+                self.qkv.weight[: 2 * width].zero_()
+                self.qkv.bias[: 2 * width].zero_()
         self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
@@ -106,7 +110,8 @@ class SideNetwork(nn.Module):
         self.width = width
         self.down = nn.ModuleList(make_downsample(cfg.downsample, hidden, width, cfg) for _ in range(num_layers + 1))
         self.gates = nn.Parameter(torch.full((num_layers,), float(cfg.gate_init)))  # one scalar per layer
-        self.blocks = nn.ModuleList(SideBlock(width, heads, cfg.mlp_ratio, cfg.dropout) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(SideBlock(width, heads, cfg.mlp_ratio, cfg.dropout, cfg.uniform_attention)
+                                    for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)
         self.up = nn.Linear(width, out_dim)
         self.beta = nn.Parameter(torch.zeros(()))  # output mix / output_gate_scale; 0 = the LLM alone
