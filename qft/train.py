@@ -126,7 +126,8 @@ class FinetuneConfig:
         from qft.zo.spsa import DISTRIBUTIONS
 
         if self.zo_distribution not in DISTRIBUTIONS:
-            raise QftError(f"unknown --zo-distribution {self.zo_distribution!r}", f"pass one of {', '.join(DISTRIBUTIONS)}")
+            raise QftError(f"unknown --zo-distribution {self.zo_distribution!r}",
+                           f"pass one of {', '.join(DISTRIBUTIONS)}")
         if self.zo_distribution != "gaussian" and self.method not in ("mezo", "sparse-mezo"):
             raise QftError(f"--zo-distribution applies to mezo and sparse-mezo, not {self.method}",
                            "leave --zo-distribution out, or pass --method mezo")

@@ -166,8 +166,8 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
         for n, p in holder.named_parameters(recurse=False):
             if id(p) in index:
                 holders.setdefault(id(p), []).append((name, holder, n))
-    hooked = {pid for pid, hs in holders.items()
-              if mask_fn is None and _rank1(params[index[pid]], dist) and all(lowrank.hook_kind(h, n) for _, h, n in hs)}
+    hooked = {pid for pid, hs in holders.items() if mask_fn is None and _rank1(params[index[pid]], dist)
+              and all(lowrank.hook_kind(h, n) for _, h, n in hs)}
     plan: dict[int, tuple[nn.Module, list[tuple[nn.Module, str]]]] = {}
     for pid, hs in holders.items():
         if pid not in hooked:
