@@ -134,7 +134,10 @@ def _launch(srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor], seeds: S
     n = len(srcs)
     flags = [1 if d else 0 for d in decay] if decay is not None else [0] * n
     table = torch.tensor([s.data_ptr() for s in srcs] + [d.data_ptr() for d in dsts]
-                         + [_seed32(s) for s in seeds] + flags, dtype=torch.int64).to(device, non_blocking=True)
+                         + [_seed32(s) for s in seeds] + flags, dtype=torch.int64)
+    if device.type == "cuda":  # a copy from pageable memory first waits for the stream to drain: the CPU could
+        table = table.pin_memory()  # not run ahead of the GPU, which bounds a small model's step
+    table = table.to(device, non_blocking=True)
     sizes, tensor_of, start = _block_map(numels, device)
     dt = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
     with _on(device):  # the launch goes to the current device: make it the tensors' one (layers spread over GPUs)
