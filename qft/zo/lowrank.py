@@ -22,6 +22,8 @@ get the same u·vᵀ materialized, through the copy path of :mod:`qft.zo.spsa`; 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -34,12 +36,16 @@ def factors(p: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return u, v
 
 
-def direction(p: torch.Tensor, seed: int) -> torch.Tensor:
-    """u·vᵀ materialized (float32): the copy path, masked directions and tests."""
+def direction_slice(p: torch.Tensor, seed: int, start: int, stop: int) -> torch.Tensor:
+    """Elements ``[start, stop)`` of u·vᵀ flattened (float32), from the rows that hold them only: the copy path
+    and masked directions, piece by piece like every other z."""
     u, v = factors(p, seed)
-    return torch.outer(u, v)
+    n = p.shape[1]
+    first, last = start // n, (stop - 1) // n + 1
+    return torch.outer(u[first:last], v).reshape(-1)[start - first * n:stop - first * n]
 
 
+@functools.cache
 def _conv1d_type():
     try:
         from transformers.pytorch_utils import Conv1D

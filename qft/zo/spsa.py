@@ -40,7 +40,7 @@ def _rank1(p: torch.Tensor, dist: str) -> bool:
 
 
 def _dense(dist: str) -> str:
-    """The elementwise distribution of the tensors that are not rank one."""
+    """The distribution the Triton kernels draw for the tensors that are not rank one."""
     return "gaussian" if dist == "rank1" else dist
 
 
@@ -60,14 +60,18 @@ def _pieces(numel: int):
 
 def direction_piece(p: torch.Tensor, step_seed: int, index: int, piece: int, start: int, stop: int,
                     mask_fn: MaskFn | None = None, dist: str = "gaussian") -> torch.Tensor:
-    """z for elements ``[start, stop)`` of ``p`` (flattened): standard normal (or ±1), ``p``'s dtype and device.
+    """z for elements ``[start, stop)`` of ``p`` (flattened): standard normal (or ±1, or that slice of a matrix's
+    u·vᵀ), ``p``'s dtype and device.
 
     ``mask_fn`` must be elementwise (it sees only this piece of ``p``)."""
-    g = torch.Generator(device=p.device).manual_seed(tensor_seed(step_seed, index, piece))
-    if dist == "rademacher":
-        z = torch.randint(0, 2, (stop - start,), generator=g, device=p.device).to(p.dtype).mul_(2).sub_(1)
+    if _rank1(p, dist):  # one u, v per tensor, whatever the piece
+        z = lowrank.direction_slice(p, tensor_seed(step_seed, index), start, stop).to(p.dtype)
     else:
-        z = torch.randn(stop - start, generator=g, device=p.device, dtype=p.dtype)
+        g = torch.Generator(device=p.device).manual_seed(tensor_seed(step_seed, index, piece))
+        if dist == "rademacher":
+            z = torch.randint(0, 2, (stop - start,), generator=g, device=p.device).to(p.dtype).mul_(2).sub_(1)
+        else:
+            z = torch.randn(stop - start, generator=g, device=p.device, dtype=p.dtype)
     if mask_fn is not None:
         mask = mask_fn(p.detach().reshape(-1)[start:stop])
         if mask is not None:
@@ -78,13 +82,8 @@ def direction_piece(p: torch.Tensor, step_seed: int, index: int, piece: int, sta
 def direction(p: torch.Tensor, step_seed: int, index: int, mask_fn: MaskFn | None = None,
               dist: str = "gaussian") -> torch.Tensor:
     """The whole z of tensor ``index`` (for references and tests; the training path works piece by piece)."""
-    if _rank1(p, dist):
-        z = lowrank.direction(p, tensor_seed(step_seed, index)).to(p.dtype)
-        mask = mask_fn(p.detach().reshape(-1)) if mask_fn is not None else None
-        return z if mask is None else z * mask.view(p.shape)
-    dist = _dense(dist)
-    if triton_ops.usable(p, mask_fn):
-        return triton_ops.direction(p, tensor_seed(step_seed, index), dist).to(p.dtype)
+    if triton_ops.usable(p, mask_fn) and not _rank1(p, dist):
+        return triton_ops.direction(p, tensor_seed(step_seed, index), _dense(dist)).to(p.dtype)
     parts = [direction_piece(p, step_seed, index, k, a, b, mask_fn, dist) for k, a, b in _pieces(p.numel())]
     return torch.cat(parts).view(p.shape) if parts else torch.empty_like(p)
 
@@ -93,12 +92,10 @@ def perturbed_copy(p: torch.Tensor, step_seed: int, index: int, scale: float,
                    mask_fn: MaskFn | None = None, dist: str = "gaussian") -> torch.Tensor:
     """θ + scale·z as a new tensor, built piece by piece (one copy of θ plus one piece of z).
 
-    On CUDA the fused Triton kernel does it in one pass (:mod:`qft.zo.triton_ops`)."""
-    if _rank1(p, dist):  # a matrix no hook can take: u·vᵀ materialized
-        return (p.detach().float() + scale * direction(p, step_seed, index, mask_fn, dist).float()).to(p.dtype)
-    dist = _dense(dist)
-    if triton_ops.usable(p, mask_fn):
-        return triton_ops.perturbed_copy(p, tensor_seed(step_seed, index), scale, dist)
+    On CUDA the fused Triton kernel does it in one pass (:mod:`qft.zo.triton_ops`); a matrix under ``rank1``
+    that no hook can take gets its u·vᵀ here, piece by piece."""
+    if triton_ops.usable(p, mask_fn) and not _rank1(p, dist):
+        return triton_ops.perturbed_copy(p, tensor_seed(step_seed, index), scale, _dense(dist))
     out = p.detach().clone()
     flat = out.view(-1)
     for k, a, b in _pieces(p.numel()):
@@ -255,15 +252,10 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
     """
     with torch.no_grad():
         keep = 1.0 - lr * weight_decay if weight_decay and decay_mask is not None else 1.0
-        ranked = [i for i, p in enumerate(params) if _rank1(p, dist)]
-        for i in ranked:
+        ranked = [i for i, p in enumerate(params) if _rank1(p, dist) and mask_fn is None]
+        for i in ranked:  # one addr_ per direction; the decay folded into the first (masked: the torch path)
             k = keep if decay_mask is not None and decay_mask[i] else 1.0
-            if mask_fn is None:  # one addr_ per direction; the decay folded into the first
-                lowrank.update_(params[i], [(tensor_seed(seed, i), g) for seed, g in seeds_and_grads], lr, k)
-                continue
-            params[i].mul_(k)  # a mask: u·vᵀ materialized and masked
-            for seed, g in seeds_and_grads:
-                params[i].add_(direction(params[i], seed, i, mask_fn, dist), alpha=-lr * g)
+            lowrank.update_(params[i], [(tensor_seed(seed, i), g) for seed, g in seeds_and_grads], lr, k)
         fused = [i for i, p in enumerate(params)
                  if triton_ops.usable(p, mask_fn) and not _rank1(p, dist)]
         if fused:  # one fused read-modify-write per direction (one launch per dtype); the first folds in the decay
@@ -273,8 +265,7 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
                                         keep if j == 0 else 1.0, decay, _dense(dist))
         done = set(fused) | set(ranked)
         rest = [i for i in range(len(params)) if i not in done]
-        _torch_update(params, rest, seeds_and_grads, lr, weight_decay, decay_mask, mask_fn, bucket_bytes,
-                      _dense(dist))
+        _torch_update(params, rest, seeds_and_grads, lr, weight_decay, decay_mask, mask_fn, bucket_bytes, dist)
 
 
 def _torch_update(params, which, seeds_and_grads, lr, weight_decay, decay_mask, mask_fn, bucket_bytes,
