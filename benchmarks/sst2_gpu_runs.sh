@@ -8,7 +8,8 @@
 # SST-2 jobs use GPU SST2_GPU (give both the same number on a one-GPU machine; the speed ratios then suffer);
 # SUITE:PATH,PATH runs only those paths. RUNS2 jobs start on BENCH_GPU once the benchmarks are done.
 # GPU_TESTS="tests/x.py ..." runs those tests on BENCH_GPU first (log: gpu-tests.log).
-# qst:LR:KEY=VALUE passes one finetune option to a qst job (e.g. qst:3e-3:downsample=pool).
+# qst|mezo|smezo:LR:KEY=VALUE passes one finetune option to the job (e.g. qst:3e-3:downsample=pool,
+# mezo:2e-5:zo_distribution=rank1).
 # The ZO jobs keep checkpoints in /tmp/work: the same command again, while the machine is still warm, continues
 # them from where the time limit stopped them (the curve so far is read back from /tmp/res).
 # LIMIT counts from the script's start (the model conversion included): keep it 30 s under the call's limit.
@@ -41,8 +42,9 @@ job() {  # job RUN GPU: start one SST-2 job (NAME, NAME:LR or qst:LR:KEY=VALUE) 
              > /tmp/res/$name.log 2>&1 & ;;
     peqa3) $R 300 --methods peqa --option peqa:bits=3 --out /tmp/res/$name.json > /tmp/res/$name.log 2>&1 & ;;
     peqa2) $R 300 --methods peqa --option peqa:bits=2 --out /tmp/res/$name.json > /tmp/res/$name.log 2>&1 & ;;
-    mezo) $R $Z --work /tmp/work/$name --methods mezo --lr mezo=${lr:-5e-6} --out /tmp/res/$name.json > /tmp/res/$name.log 2>&1 & ;;
-    smezo) $R $Z --work /tmp/work/$name --methods sparse-mezo --lr sparse-mezo=${lr:-5e-6} --out /tmp/res/$name.json \
+    mezo) $R $Z --work /tmp/work/$name --methods mezo --lr mezo=${lr:-5e-6} ${opt:+--option mezo:$opt} --out /tmp/res/$name.json > /tmp/res/$name.log 2>&1 & ;;
+    smezo) $R $Z --work /tmp/work/$name --methods sparse-mezo --lr sparse-mezo=${lr:-5e-6} \
+             ${opt:+--option sparse-mezo:$opt} --out /tmp/res/$name.json \
              > /tmp/res/$name.log 2>&1 & ;;
     optim) QFT_BENCH_DIR=/tmp timeout 400 python3 -m qft.cli bench optim --shape tinyllama-1.1b \
              --out /tmp/res/optim-tinyllama-1.1b.json > /tmp/res/optim-1.1b.log 2>&1 & ;;
