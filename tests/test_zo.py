@@ -33,6 +33,31 @@ def chunking(request, monkeypatch):
     return request.param
 
 
+def test_perturbed_reuses_its_layout_until_a_slot_changes():
+    model = tiny_model("llama")
+    x = tiny_inputs(model)
+    params = _params(model)
+    with torch.no_grad():
+        with perturbed(model, params, step_seed=3, scale=1e-2):
+            before = model(**x).logits
+        layout = model.__dict__["_qft_zo_layout"]
+        with perturbed(model, params, step_seed=3, scale=1e-2):
+            again = model(**x).logits
+        assert model.__dict__["_qft_zo_layout"] is layout and torch.equal(before, again)
+        with perturbed(model, params, step_seed=3, scale=1e-2, dist="rank1"):  # another plan
+            model(**x)
+        assert model.__dict__["_qft_zo_layout"] is not layout
+        # a tensor swapped into a slot (same list of params): the layout is rebuilt and the old tensor, no longer
+        # used by any module, is reported unseen
+        model.model.norm.weight = torch.nn.Parameter(model.model.norm.weight.detach().clone())
+        with perturbed(model, params, step_seed=3, scale=1e-2) as seen:
+            model(**x)
+        assert len(seen) == len(params) - 1
+        with perturbed(model, _params(model), step_seed=3, scale=1e-2) as seen:
+            torch.testing.assert_close(model(**x).logits, before, rtol=0, atol=0)
+        assert len(seen) == len(params)
+
+
 @pytest.mark.parametrize("dist", ["gaussian", "rank1"])
 def test_perturbed_forward_equals_inplace_reference_and_restores_exactly(chunking, dist):
     model = tiny_model("llama")

@@ -41,6 +41,21 @@ def test_objective_is_cross_entropy_over_label_words_at_the_label_position():
         logits = model(input_ids=ids, attention_mask=mask.long()).logits
     ref = F.cross_entropy(torch.stack([logits[0, 2, [20, 21]], logits[1, 1, [20, 21]]]), torch.tensor([0, 1]))
     torch.testing.assert_close(got, ref)
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    label_word_objective([20, 21])(model, inputs)
+    handle.remove()
+    assert seen == [(2, 2, model.config.hidden_size)]  # the head ran on the two predicting positions only
+
+    class NoKeep(torch.nn.Module):  # a model whose forward has no logits_to_keep: the whole batch's logits
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    torch.testing.assert_close(label_word_objective([20, 21])(NoKeep(), inputs), ref)
     bad = dict(inputs, labels=torch.where(labels == 20, torch.tensor(22), labels))
     with pytest.raises(QftError, match="none of the data's label words"):
         label_word_objective([20, 21])(model, bad)

@@ -143,19 +143,19 @@ def perturbed_copies(ps: Sequence[torch.Tensor], step_seed: int, indices: Sequen
     return out
 
 
-@contextlib.contextmanager
-def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, scale: float,
-              mask_fn: MaskFn | None = None, dist: str = "gaussian"):
-    """Within the block, every forward of ``model`` sees ``θ + scale·z``; the stored θ is untouched.
+def _layout(model: nn.Module, params: Sequence[nn.Parameter], mask_fn: MaskFn | None, dist: str):
+    """Where :func:`perturbed` puts its hooks: (param index by id, holders of each param, ids of the matrices
+    perturbed by rank-one output hooks, {runner id: (runner, [(holder, name)])} for the rest).
 
-    The module whose forward uses a parameter (see :func:`_runner`: its decoder layer, or its owner) gets a
-    pre-hook that swaps in perturbed copies for the duration of its forward, and a hook that swaps the
-    originals back, so at most one layer's perturbed weights exist at a time. Yields the set of parameter
-    ids perturbed so far, so callers can check that every tuned tensor took part.
-
-    With ``dist="rank1"``, a matrix held only by plain linear, embedding or Conv1D modules is not copied at
-    all: a forward hook on each of its modules adds the rank-one term to the output (:mod:`qft.zo.lowrank`).
-    """
+    Walking the module tree costs milliseconds on a 30-layer model, twice a step, so the layout is kept per model
+    (an attribute of the model, so it lives and dies with it) and reused while the same tensors sit in the same
+    slots."""
+    key = (tuple(id(p) for p in params), mask_fn is None, dist)
+    cached = model.__dict__.get("_qft_zo_layout")
+    if cached is not None and cached[0] == key and all(
+            holder._parameters.get(n) is params[cached[1][0][pid]]
+            for pid, hs in cached[1][1].items() for _, holder, n in hs):
+        return cached[1]
     index = {id(p): i for i, p in enumerate(params)}
     modules = dict(model.named_modules())
     holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
@@ -171,6 +171,25 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
             for name, holder, n in hs:
                 runner = _runner(name, holder, modules)
                 plan.setdefault(id(runner), (runner, []))[1].append((holder, n))
+    layout = (index, holders, hooked, plan)
+    model.__dict__["_qft_zo_layout"] = (key, layout)
+    return layout
+
+
+@contextlib.contextmanager
+def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, scale: float,
+              mask_fn: MaskFn | None = None, dist: str = "gaussian"):
+    """Within the block, every forward of ``model`` sees ``θ + scale·z``; the stored θ is untouched.
+
+    The module whose forward uses a parameter (see :func:`_runner`: its decoder layer, or its owner) gets a
+    pre-hook that swaps in perturbed copies for the duration of its forward, and a hook that swaps the
+    originals back, so at most one layer's perturbed weights exist at a time. Yields the set of parameter
+    ids perturbed so far, so callers can check that every tuned tensor took part.
+
+    With ``dist="rank1"``, a matrix held only by plain linear, embedding or Conv1D modules is not copied at
+    all: a forward hook on each of its modules adds the rank-one term to the output (:mod:`qft.zo.lowrank`).
+    """
+    index, holders, hooked, plan = _layout(model, params, mask_fn, dist)
     seen: set[int] = set()
     factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # u, v of each hooked matrix, drawn once
 
