@@ -61,7 +61,8 @@ def test_objective_is_cross_entropy_over_label_words_at_the_label_position():
         label_word_objective([20, 21])(model, bad)
 
 
-def test_finetune_mezo_with_label_word_objective(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method", ["mezo", "sparse-mezo"])  # sparse-mezo: logits_to_keep through peft's wrapper
+def test_finetune_zo_with_label_word_objective(tiny_model_dir, tmp_path, method):
     from qft.train import FinetuneConfig, finetune
 
     data = tmp_path / "cls.jsonl"
@@ -69,7 +70,7 @@ def test_finetune_mezo_with_label_word_objective(tiny_model_dir, tmp_path):
         for i in range(24):
             f.write(json.dumps({"prompt": f"a b c {'d' if i % 2 else 'e'} :", "completion": " f" if i % 2 else " g"})
                     + "\n")
-    r = finetune(FinetuneConfig(model=str(tiny_model_dir), data=str(data), method="mezo", max_steps=3,
+    r = finetune(FinetuneConfig(model=str(tiny_model_dir), data=str(data), method=method, max_steps=3,
                                 batch_size=4, output=str(tmp_path / "out"), zo_objective="label-words",
                                 learning_rate=1e-3), log=lambda m: None, progress=False)
     assert r.stats["steps"] == 3
