@@ -108,7 +108,12 @@ class NanGuard(TrainerCallback):
     ZO methods check their projected gradient themselves (qft.zo) and have no gradients here.
     """
 
+    def __init__(self, gradients: bool = True):
+        self.gradients = gradients  # False for ZO methods: no gradients, so no per-step scan of the parameters
+
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.gradients:
+            return
         grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
         if grads:
             total = torch.stack([g.detach().float().norm() for g in grads]).sum()

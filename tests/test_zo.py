@@ -7,7 +7,7 @@ import torch
 from transformers import TrainingArguments
 
 from qft.zo.optimizer import ZoSGD
-from qft.zo.spsa import apply_update_, direction, perturb_inplace_, perturbed
+from qft.zo.spsa import apply_update_, direction, perturb_inplace_, perturbed, tensor_seed
 from qft.zo.trainer import ZoArguments, ZoTrainer, zo_projected_grad
 from tests.tiny import tiny_inputs, tiny_model
 
@@ -229,6 +229,32 @@ def test_rank1_matrices_take_no_copy_and_match_the_reference(make, monkeypatch):
         ref = copy.deepcopy(model)
         perturb_inplace_(_params(ref), 8, 1e-2, dist="rank1")
         torch.testing.assert_close(ours, ref(**x).logits, atol=2e-6, rtol=1e-5)
+
+
+def test_rank1_factors_are_drawn_once_a_step(monkeypatch):
+    """Both forwards and the update of a step reuse each matrix's u, v (one draw each); the next step draws anew
+    and the previous step's are dropped; the update equals one drawn without the step cache."""
+    import qft.zo.lowrank as lowrank
+
+    model = tiny_model("llama")
+    x = tiny_inputs(model)
+    params = _params(model)
+    matrices = sum(p.dim() == 2 for p in params)
+    draws = []
+    real = lowrank._draw
+    monkeypatch.setattr(lowrank, "_draw", lambda p, seed, dtype: draws.append(seed) or real(p, seed, dtype))
+    reference = copy.deepcopy(model)
+    loss_fn = lambda: model(**x, labels=x["input_ids"]).loss  # noqa: E731
+    for step_seed in (5, 6):
+        draws.clear()
+        g, _ = zo_projected_grad(model, params, step_seed, 1e-3, loss_fn, dist="rank1")
+        apply_update_(params, [(step_seed, g.item())], lr=1e-2, dist="rank1")
+        assert len(draws) == len(set(draws)) == matrices
+        assert len(lowrank._STEP["factors"]) == matrices and lowrank._STEP["step"] == step_seed
+        for i, p in enumerate(_params(reference)):  # the same update, factors drawn afresh (no step)
+            if p.dim() == 2:
+                lowrank.update_(p, [(tensor_seed(step_seed, i), g.item())], lr=1e-2)
+                assert torch.equal(p, params[i])
 
 
 def test_rank1_under_a_mask_is_materialized_and_masked():

@@ -28,18 +28,40 @@ import torch
 from torch import nn
 
 
-def factors(p: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, v), float32 standard normals of lengths ``p.shape[0]`` and ``p.shape[1]``, on ``p``'s device."""
+_STEP: dict = {"step": None, "factors": {}}  # the factors of the step in progress (see factors)
+
+
+def factors(p: torch.Tensor, seed: int, dtype: torch.dtype = torch.float32,
+            step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v), standard normals of lengths ``p.shape[0]`` and ``p.shape[1]`` on ``p``'s device, drawn in float32
+    (one draw of m + n numbers) and returned in ``dtype``.
+
+    ``step`` (the step's seed) keeps them for the rest of that step: both forwards and the update use the same
+    u, v, so each matrix's are drawn (and cast) once a step, not three times; asking for another step's drops them.
+    They are a few numbers per matrix row and column (about 12 MB a step at the Llama-3-8B shape). Callers must
+    not modify them in place."""
+    if step is None:
+        return _draw(p, seed, dtype)
+    if _STEP["step"] != step:
+        _STEP["step"], _STEP["factors"] = step, {}
+    key = (seed, tuple(p.shape), p.device, dtype)
+    hit = _STEP["factors"].get(key)
+    if hit is None:
+        hit = _STEP["factors"][key] = (_draw(p, seed, dtype) if dtype == torch.float32
+                                       else tuple(t.to(dtype) for t in factors(p, seed, step=step)))
+    return hit
+
+
+def _draw(p: torch.Tensor, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device=p.device).manual_seed(seed)
-    u = torch.randn(p.shape[0], generator=g, device=p.device)
-    v = torch.randn(p.shape[1], generator=g, device=p.device)
-    return u, v
+    uv = torch.randn(p.shape[0] + p.shape[1], generator=g, device=p.device).to(dtype)
+    return uv[:p.shape[0]], uv[p.shape[0]:]
 
 
-def direction_slice(p: torch.Tensor, seed: int, start: int, stop: int) -> torch.Tensor:
+def direction_slice(p: torch.Tensor, seed: int, start: int, stop: int, step: int | None = None) -> torch.Tensor:
     """Elements ``[start, stop)`` of u·vᵀ flattened (float32), from the rows that hold them only: the copy path
     and masked directions, piece by piece like every other z."""
-    u, v = factors(p, seed)
+    u, v = factors(p, seed, step=step)
     n = p.shape[1]
     first, last = start // n, (stop - 1) // n + 1
     return torch.outer(u[first:last], v).reshape(-1)[start - first * n:stop - first * n]
@@ -90,11 +112,12 @@ def perturb_output(kind: str, inputs: torch.Tensor, out: torch.Tensor, u: torch.
     return _add_outer(out, u[inputs], v, scale)  # embedding, W: num × dim, u: num, v: dim
 
 
-def update_(p: torch.Tensor, seeds_and_grads, lr: float, keep: float = 1.0) -> None:
-    """p ← keep·p − lr·Σ_j g_j·u_j·v_jᵀ, one ``addr_`` per direction (the decay folded into the first)."""
+def update_(p: torch.Tensor, seeds_and_grads, lr: float, keep: float = 1.0, steps=None) -> None:
+    """p ← keep·p − lr·Σ_j g_j·u_j·v_jᵀ, one ``addr_`` per direction (the decay folded into the first);
+    ``steps``: each direction's step seed, to reuse the factors its forwards drew (see :func:`factors`)."""
     with torch.no_grad():
         for j, (seed, g) in enumerate(seeds_and_grads):
-            u, v = factors(p, seed)
-            p.addr_(u.to(p.dtype), v.to(p.dtype), beta=keep if j == 0 else 1.0, alpha=-lr * g)
+            u, v = factors(p, seed, p.dtype, steps[j] if steps else None)
+            p.addr_(u, v, beta=keep if j == 0 else 1.0, alpha=-lr * g)
         if not seeds_and_grads and keep != 1.0:
             p.mul_(keep)

@@ -65,7 +65,7 @@ def direction_piece(p: torch.Tensor, step_seed: int, index: int, piece: int, sta
 
     ``mask_fn`` must be elementwise (it sees only this piece of ``p``)."""
     if _rank1(p, dist):  # one u, v per tensor, whatever the piece
-        z = lowrank.direction_slice(p, tensor_seed(step_seed, index), start, stop).to(p.dtype)
+        z = lowrank.direction_slice(p, tensor_seed(step_seed, index), start, stop, step_seed).to(p.dtype)
     else:
         g = torch.Generator(device=p.device).manual_seed(tensor_seed(step_seed, index, piece))
         if dist == "rademacher":
@@ -199,8 +199,8 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
         def hook(module, args, kwargs, output):
             p = holder._parameters[pname]
             i = index[id(p)]
-            if i not in factors:
-                factors[i] = lowrank.factors(p, tensor_seed(step_seed, i))
+            if i not in factors:  # in the output's dtype: the casts in perturb_output are then no-ops
+                factors[i] = lowrank.factors(p, tensor_seed(step_seed, i), output.dtype, step_seed)
             seen.add(id(p))
             x = args[0] if args else next(iter(kwargs.values()))
             return lowrank.perturb_output(kind, x, output, *factors[i], scale)
@@ -274,7 +274,8 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
         ranked = [i for i, p in enumerate(params) if _rank1(p, dist) and mask_fn is None]
         for i in ranked:  # one addr_ per direction; the decay folded into the first (masked: the torch path)
             k = keep if decay_mask is not None and decay_mask[i] else 1.0
-            lowrank.update_(params[i], [(tensor_seed(seed, i), g) for seed, g in seeds_and_grads], lr, k)
+            lowrank.update_(params[i], [(tensor_seed(seed, i), g) for seed, g in seeds_and_grads], lr, k,
+                            [seed for seed, _ in seeds_and_grads])
         fused = [i for i, p in enumerate(params)
                  if triton_ops.usable(p, mask_fn) and not _rank1(p, dist)]
         if fused:  # one fused read-modify-write per direction (one launch per dtype); the first folds in the decay

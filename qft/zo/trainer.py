@@ -140,6 +140,23 @@ class ZoTrainerMixin:
             total_loss += loss
         return (total_loss / self.zo.samples / accum).detach()
 
+    # The Trainer's per-step bookkeeping, made to fit ZO. Each of these scans every parameter every step, which on a
+    # small model is a large share of a forward-only step's CPU time (a GPU then waits for it).
+    def _get_grad_norm(self, model, grad_norm=None):
+        return grad_norm  # ZO keeps no gradients: no norm to measure (logged as projected_grad instead)
+
+    def floating_point_ops(self, inputs) -> int:
+        """Forward passes only: 2·N FLOPs a token per forward, two forwards per direction (the Trainer counts
+        6·N for a forward and a backward). N is counted once."""
+        ids = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
+        if ids is None:
+            return 0
+        if getattr(self, "_zo_flops_params", None) is None:
+            count = getattr(self.model, "num_parameters", None)
+            self._zo_flops_params = (count(exclude_embeddings=True) if count is not None
+                                     else sum(p.numel() for p in self.model.parameters()))
+        return 4 * self.zo.samples * ids.numel() * self._zo_flops_params
+
     def log(self, logs, *args, **kwargs):
         if self._zo_last_g and "loss" in logs:
             logs["projected_grad"] = sum(abs(g) for g in self._zo_last_g) / len(self._zo_last_g)
