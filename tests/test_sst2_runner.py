@@ -48,3 +48,26 @@ def test_runner_continues_a_stopped_run_from_its_work_folder(tmp_path):
     assert "error" not in second, second
     assert second["options"]["resume"] == "auto" and [s for s, _ in second["curve"]] == [2, 4]
     assert second["curve"][0] == first["curve"][0]  # the earlier point, read back from the JSON
+
+
+def test_runner_turns_a_sigterm_outside_training_into_one_line(tmp_path, monkeypatch, capsys):
+    """A time limit's SIGTERM during the zero-shot evaluation (outside the Trainer, whose callback saves and stops)
+    ends the runner with exit 143 and one line, as `qft finetune` does, not a silent kill."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from qft.bench import sst2
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(sst2, "run", terminated)
+    monkeypatch.setattr(sys, "argv", ["sst2", "--model", "m", "--data", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        sst2.main()
+    assert exc.value.code == 143
+    err = capsys.readouterr().err.strip()
+    assert "terminated" in err and "\n" not in err and "Traceback" not in err

@@ -177,8 +177,16 @@ def main() -> None:
             ap.error(f"--option {spec!r}: expected METHOD:KEY=VALUE")
         extra.setdefault(method, {})[key.replace("-", "_")] = _scalar(value)
     lr = {k: float(v) for k, v in (kv.split("=") for kv in a.lr.split(",") if kv)}
-    run(a.model, a.data, a.methods.split(","), a.steps, a.out, lr, extra=extra, curve_every=a.curve_every,
-        curve_limit=a.curve_limit, zo_objective=a.zo_objective, work=a.work)
+    import typer
+
+    from qft.cli.common import user_errors
+
+    try:  # as `qft finetune`: a SIGTERM or Ctrl-C outside training (during an evaluation) ends with one line
+        user_errors(run)(a.model, a.data, a.methods.split(","), a.steps, a.out, lr, extra=extra,
+                         curve_every=a.curve_every, curve_limit=a.curve_limit, zo_objective=a.zo_objective,
+                         work=a.work)
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
 
 
 def _scalar(text: str):
