@@ -199,10 +199,13 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
         def hook(module, args, kwargs, output):
             p = holder._parameters[pname]
             i = index[id(p)]
-            if i not in factors:  # in the output's dtype: the casts in perturb_output are then no-ops
-                factors[i] = lowrank.factors(p, tensor_seed(step_seed, i), output.dtype, step_seed)
-            seen.add(id(p))
             x = args[0] if args else next(iter(kwargs.values()))
+            if i not in factors:  # in the activations' dtype, so perturb_output casts nothing (float32 when the
+                # input and output dtypes differ, as under autocast: perturb_output then casts as it needs)
+                same = x.dtype == output.dtype or not x.is_floating_point()
+                factors[i] = lowrank.factors(p, tensor_seed(step_seed, i), output.dtype if same else torch.float32,
+                                             step_seed)
+            seen.add(id(p))
             return lowrank.perturb_output(kind, x, output, *factors[i], scale)
 
         return hook
