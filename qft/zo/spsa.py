@@ -191,7 +191,6 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
     """
     index, holders, hooked, plan = _layout(model, params, mask_fn, dist)
     seen: set[int] = set()
-    factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # u, v of each hooked matrix, drawn once
 
     def make_rank1_hook(holder, pname):
         kind = lowrank.hook_kind(holder, pname)
@@ -200,13 +199,12 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
             p = holder._parameters[pname]
             i = index[id(p)]
             x = args[0] if args else next(iter(kwargs.values()))
-            if i not in factors:  # in the activations' dtype, so perturb_output casts nothing (float32 when the
-                # input and output dtypes differ, as under autocast: perturb_output then casts as it needs)
-                same = x.dtype == output.dtype or not x.is_floating_point()
-                factors[i] = lowrank.factors(p, tensor_seed(step_seed, i), output.dtype if same else torch.float32,
-                                             step_seed)
+            # u, v in the activations' dtype, so perturb_output casts nothing (float32 when the input and output
+            # dtypes differ, as under autocast: perturb_output then casts as it needs); drawn once a step
+            same = x.dtype == output.dtype or not x.is_floating_point()
+            u, v = lowrank.factors(p, tensor_seed(step_seed, i), output.dtype if same else torch.float32, step_seed)
             seen.add(id(p))
-            return lowrank.perturb_output(kind, x, output, *factors[i], scale)
+            return lowrank.perturb_output(kind, x, output, u, v, scale)
 
         return hook
 
