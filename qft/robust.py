@@ -109,7 +109,7 @@ class NanGuard(TrainerCallback):
     """
 
     def __init__(self, gradients: bool = True):
-        self.gradients = gradients  # False for ZO methods: no gradients, so no per-step scan of the parameters
+        self.gradients = gradients  # False under ZO (the ZO trainer sets it): no gradients, no per-step scan
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if not self.gradients:

@@ -269,11 +269,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
     metrics = QftMetricsCallback()
     stopper = StopOnSignal()  # SIGINT/SIGTERM: finish the step, save a checkpoint, stop
     extra_callbacks = list(callbacks or [])
-    from qft.zo.trainer import ZoTrainerMixin
-
-    cls = getattr(plan.trainer_cls, "func", plan.trainer_cls)  # a plan may bind constructor arguments (partial)
-    zo = isinstance(cls, type) and issubclass(cls, ZoTrainerMixin)
-    callbacks = [metrics, stopper, NanGuard(gradients=not zo), *plan.callbacks] + ([rich_progress_callback()] if progress else [])
+    callbacks = [metrics, stopper, NanGuard(), *plan.callbacks] + ([rich_progress_callback()] if progress else [])
     callbacks += early_stopping_callbacks(cfg) + extra_callbacks
     trainer_cls = atomic_checkpoints(plan.trainer_cls or SFTTrainer)
     try:

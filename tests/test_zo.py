@@ -153,6 +153,12 @@ def test_mezo_lowers_the_loss_in_the_trainer(tmp_path):
     logged = [h for h in trainer.state.log_history if "projected_grad" in h]
     assert logged and all(h["projected_grad"] > 0 for h in logged)
     assert not any("grad_norm" in h for h in logged)  # no gradients, so the Trainer's norm scan is skipped
+    from qft.robust import NanGuard
+
+    guard = NanGuard()  # nor qft's NaN guard's gradient scan
+    assert guard.gradients
+    ZoTrainer(model=tiny_model("llama"), args=trainer.args, train_dataset=_Repeat(), callbacks=[guard])
+    assert not guard.gradients
     n = trainer.model.num_parameters(exclude_embeddings=True)  # FLOPs of two forwards, 2·N a token each
     assert trainer.floating_point_ops({"input_ids": torch.ones(4, 16)}) == 4 * 64 * n
     # measured: 4.89 -> 3.76 in 150 steps at lr 3e-4 (1e-4: 4.40; 2e-3 diverges to 6.3); require a clear drop

@@ -98,6 +98,11 @@ class ZoTrainerMixin:
         super().__init__(*args, **kwargs)
         # there are no gradients to clip; the projected gradient is logged instead
         self.args.max_grad_norm = 0.0
+        from qft.robust import NanGuard
+
+        for callback in self.callback_handler.callbacks:  # nor any to scan for NaN every step
+            if isinstance(callback, NanGuard):
+                callback.gradients = False
         from accelerate.utils import DistributedType
 
         if self.accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
