@@ -34,3 +34,25 @@ def test_unknown_path_is_a_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(QftError, match="unknown path.*choose from stock-trl"):
         run_suite("spiel", shape="tiny", batch=2, seq=32, steps=1, warmup=0, rank=4, gradient_checkpointing=False,
                   out=None, paths=["stock-trl", "nope"])
+
+
+def test_zo_profiler_reports_each_path(tmp_path):
+    """benchmarks/profile_zo.py (where a MeZO step's time goes, run on the GPU) on the tiny shape: every path gets its
+    timings and its busiest ops, in the JSON it writes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_zo.py"
+    out = tmp_path / "prof.json"
+    r = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--paths", "inference,qft-mezo-rank1",
+                        "--batch", "2", "--seq", "16", "--steps", "3", "--warmup", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    paths = json.loads(out.read_text())["paths"]
+    assert set(paths) == {"inference", "qft-mezo-rank1"}
+    for row in paths.values():
+        assert row["wall_ms"] > 0 and row["process_cpu_ms"] > 0 and row["top_cpu_ops"]
+    # the rank-one hooks show: a matrix-vector product and an outer-product add per matrix and forward
+    assert any("addr" in op["name"] for op in paths["qft-mezo-rank1"]["top_cpu_ops"])

@@ -83,6 +83,26 @@ def test_one_launch_over_many_tensors_equals_one_launch_each(ops, dtype):
 
 
 @inside
+def test_rank1_factors_of_many_matrices_in_one_launch_equal_each_drawn_alone(ops):
+    """On a GPU every matrix's u, v of a step come from one launch; they are the kernel's normals for the matrix's
+    seed, whatever else shares the launch, and their cast to bf16 in one op is each one's own cast."""
+    from qft.zo import lowrank
+
+    ps = [torch.zeros(3, 5), torch.zeros(700, 2), torch.zeros(1, 1), torch.zeros(2, ops.BLOCK)]
+    seeds = [21, 22, 23, 24]
+    together = lowrank.prefetch(ps, seeds, step=7)
+    halves = lowrank.prefetch(ps, seeds, step=7, dtype=torch.bfloat16)
+    for p, s, (u, v), (u16, v16) in zip(ps, seeds, together, halves):
+        assert u.shape == (p.shape[0],) and v.shape == (p.shape[1],)
+        alone = lowrank.factors(p, s)  # no step: drawn on its own
+        assert torch.equal(u, alone[0]) and torch.equal(v, alone[1])
+        assert torch.equal(torch.cat([u, v]), ops.direction(torch.zeros(p.shape[0] + p.shape[1]), s))
+        assert torch.equal(u16, u.bfloat16()) and torch.equal(v16, v.bfloat16())
+    big = torch.cat([uv for u_v in together for uv in u_v])
+    assert abs(big.mean().item()) < 0.1 and abs(big.std().item() - 1) < 0.1
+
+
+@inside
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher", "rank1"])  # rank1: the vectors take the kernels
 def test_layer_grouped_perturbation_and_update_agree_with_the_directions(ops, dist):
     from qft.zo.spsa import apply_update_, direction, perturbed

@@ -16,6 +16,10 @@ SHAPES = {
     # TinyLlama-1.1B (Zhang et al., 2024): config.json of TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+    # SmolLM2-135M (Allal et al., 2025): config.json of HuggingFaceTB/SmolLM2-135M-Instruct (its word embeddings are
+    # tied to the head; make_random_checkpoint unties them)
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0),
     # a small Llama for ratio measurements on a CPU (absolute times there mean little)
     "cpu-small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16,
                       num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),

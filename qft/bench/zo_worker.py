@@ -28,17 +28,39 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from qft.callbacks import peak_memory_gib
-    from qft.zo.optimizer import ZoSGD
-    from qft.zo.spsa import apply_update_, perturb_inplace_
-    from qft.zo.trainer import zo_projected_grad
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if cuda else torch.float32).to(device)
+    step, model = build_step(a.path, model, a.batch, a.seq)
+    for _ in range(a.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    ms = 1000 * (time.perf_counter() - t0) / a.steps
+    with open(a.result, "w") as f:
+        json.dump({"peak_gib": round(peak_memory_gib(), 3), "step_ms": round(ms, 2),
+                   "tokens_per_s": round(a.batch * a.seq / (ms / 1000), 1)}, f)
+
+
+def build_step(path: str, model, batch: int, seq: int):
+    """(step function, model) for one benchmark ``path`` on ``model`` (already on its device), with one random
+    batch of ``batch x seq`` tokens; Sparse-MeZO wraps the model, so use the model returned."""
+    from qft.zo.optimizer import ZoSGD
+    from qft.zo.spsa import apply_update_, perturb_inplace_
+    from qft.zo.trainer import zo_projected_grad
+
+    device = next(model.parameters()).device
     model.eval()
-    ids = torch.randint(10, model.config.vocab_size, (a.batch, a.seq), device=device,
+    ids = torch.randint(10, model.config.vocab_size, (batch, seq), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
-    if a.path == "qft-sparse-mezo":
+    if path == "qft-sparse-mezo":
         from peft import get_peft_model
 
         from qft import SparseMezoConfig
@@ -46,7 +68,7 @@ def main() -> None:
         model = get_peft_model(model, SparseMezoConfig(density=0.2, target_modules="all-linear"))
     params = [p for p in model.parameters() if p.requires_grad]  # all weights; Sparse-MeZO: its deltas
     loss_fn = lambda: model(input_ids=ids, labels=ids, use_cache=False).loss  # noqa: E731
-    dist = {"qft-mezo-rademacher": "rademacher", "qft-mezo-rank1": "rank1"}.get(a.path, "gaussian")
+    dist = {"qft-mezo-rademacher": "rademacher", "qft-mezo-rank1": "rank1"}.get(path, "gaussian")
     opt = ZoSGD(params, lr=1e-7, seed=0, dist=dist)
 
     def step_inference():
@@ -72,23 +94,8 @@ def main() -> None:
         opt.record(seed, g.item())
         opt.step()
 
-    step = {"inference": step_inference, "mezo-plain": step_plain, "qft-mezo": step_qft,
-            "qft-mezo-rademacher": step_qft, "qft-mezo-rank1": step_qft,
-            "qft-sparse-mezo": step_qft}[a.path]
-    for _ in range(a.warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    ms = 1000 * (time.perf_counter() - t0) / a.steps
-    with open(a.result, "w") as f:
-        json.dump({"peak_gib": round(peak_memory_gib(), 3), "step_ms": round(ms, 2),
-                   "tokens_per_s": round(a.batch * a.seq / (ms / 1000), 1)}, f)
+    steps = {"inference": step_inference, "mezo-plain": step_plain}
+    return steps.get(path, step_qft), model
 
 
 if __name__ == "__main__":

@@ -27,29 +27,71 @@ import functools
 import torch
 from torch import nn
 
+from qft.zo import triton_ops
 
-_STEP: dict = {"step": None, "factors": {}}  # the factors of the step in progress (see factors)
+_STEP: dict = {"step": None, "factors": {}}  # the factors of the step in progress (see prefetch)
+_F32 = torch.float32
 
 
-def factors(p: torch.Tensor, seed: int, dtype: torch.dtype = torch.float32,
+def factors(p: torch.Tensor, seed: int, dtype: torch.dtype = _F32,
             step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(u, v), standard normals of lengths ``p.shape[0]`` and ``p.shape[1]`` on ``p``'s device, drawn in float32
     (one draw of m + n numbers) and returned in ``dtype``.
 
-    ``step`` (the step's seed) keeps them for the rest of that step: both forwards and the update use the same
-    u, v, so each matrix's are drawn (and cast) once a step, not three times; asking for another step's drops them.
-    They are a few numbers per matrix row and column (about 12 MB a step at the Llama-3-8B shape). Callers must
-    not modify them in place."""
+    ``step`` (the step's seed) keeps them for the rest of that step (see :func:`prefetch`). Callers must not
+    modify them in place."""
     if step is None:
-        return _draw(p, seed, dtype)
+        u, v = _draw_many([p], [seed])[0]
+        return u.to(dtype), v.to(dtype)
+    return prefetch([p], [seed], step, dtype)[0]
+
+
+def prefetch(ps, seeds, step: int, dtype: torch.dtype = _F32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`factors` of many matrices of one step at once: those not yet drawn this step are drawn together
+    (on a GPU one Triton launch for all of them, :func:`_draw_many`) and cast together (one op per device).
+
+    Both forwards and the update of a step then reuse the same u, v, so each matrix's are drawn (and cast) once
+    a step, not three times, and a step costs a handful of launches for them, not one or more per matrix.
+    Asking for another step's drops them. They are a few numbers per matrix row and column (about 12 MB a step
+    at the Llama-3-8B shape)."""
     if _STEP["step"] != step:
         _STEP["step"], _STEP["factors"] = step, {}
-    key = (seed, tuple(p.shape), p.device, dtype)
-    hit = _STEP["factors"].get(key)
-    if hit is None:
-        hit = _STEP["factors"][key] = (_draw(p, seed, dtype) if dtype == torch.float32
-                                       else tuple(t.to(dtype) for t in factors(p, seed, step=step)))
-    return hit
+    cache = _STEP["factors"]
+    keys = [(seed, tuple(p.shape), p.device) for p, seed in zip(ps, seeds)]
+    new = {k + (_F32,): p for k, p in zip(keys, ps) if k + (_F32,) not in cache}
+    if new:
+        cache.update(zip(new, _draw_many(list(new.values()), [k[0] for k in new])))
+    if dtype != _F32:
+        todo = list(dict.fromkeys(k for k in keys if k + (dtype,) not in cache))
+        for device in dict.fromkeys(k[2] for k in todo):  # one cat, cast and split per device
+            mine = [k for k in todo if k[2] == device]
+            flat = torch.cat([t for k in mine for t in cache[k + (_F32,)]]).to(dtype)
+            parts = flat.split([n for k in mine for n in k[1]])
+            cache.update((k + (dtype,), (parts[2 * j], parts[2 * j + 1])) for j, k in enumerate(mine))
+    return [cache[k + (dtype,)] for k in keys]
+
+
+def _draw_many(ps, seeds) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Float32 (u, v) of each matrix. u, v are a function of the seed (and the matrix's shape) alone, whatever
+    the grouping: on a GPU with Triton, the fused kernel's Philox normals (element i of the m + n numbers from
+    (seed, i); all matrices of a device in one launch), elsewhere ``torch.randn`` from a generator seeded per
+    matrix (:func:`_draw`)."""
+    out: list = [None] * len(ps)
+    groups: dict = {}
+    for j, p in enumerate(ps):
+        groups.setdefault(p.device, []).append(j)
+    for device, idx in groups.items():
+        sizes = [ps[j].shape[0] + ps[j].shape[1] for j in idx]
+        buf = torch.zeros(sum(sizes), dtype=_F32, device=device)
+        if triton_ops.usable(buf):
+            views = buf.split(sizes)
+            triton_ops.axpby_multi_(views, [seeds[j] for j in idx], 1.0)  # zeros + z: z itself, one launch
+            for j, view in zip(idx, views):
+                out[j] = tuple(view.split(list(ps[j].shape)))
+        else:
+            for j in idx:
+                out[j] = _draw(ps[j], seeds[j], _F32)
+    return out
 
 
 def _draw(p: torch.Tensor, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,10 +134,14 @@ def hook_kind(holder: nn.Module, pname: str) -> str | None:
     return None
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # a no-op .to() still costs a dispatch, in every hook call
+
+
 def _add_outer(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """out + scale·a ⊗ b over out's last dimension (a: out's leading shape, b: its last), in place when no
     autograd graph is being built."""
-    a, b = a.to(out.dtype), b.to(out.dtype)
+    a, b = _as(a, out.dtype), _as(b, out.dtype)
     if not torch.is_grad_enabled() and out.is_contiguous():
         out.view(-1, out.shape[-1]).addr_(a.reshape(-1), b, alpha=scale)
         return out
@@ -106,9 +152,9 @@ def perturb_output(kind: str, inputs: torch.Tensor, out: torch.Tensor, u: torch.
                    scale: float) -> torch.Tensor:
     """The module's output as if its weight were W + scale·u·vᵀ (``inputs``: its first positional argument)."""
     if kind == "linear":  # W: out × in, u: out, v: in
-        return _add_outer(out, inputs @ v.to(inputs.dtype), u, scale)
+        return _add_outer(out, inputs @ _as(v, inputs.dtype), u, scale)
     if kind == "conv1d":  # W: in × out, u: in, v: out
-        return _add_outer(out, inputs @ u.to(inputs.dtype), v, scale)
+        return _add_outer(out, inputs @ _as(u, inputs.dtype), v, scale)
     return _add_outer(out, u[inputs], v, scale)  # embedding, W: num × dim, u: num, v: dim
 
 
@@ -117,7 +163,7 @@ def update_(p: torch.Tensor, seeds_and_grads, lr: float, keep: float = 1.0, step
     ``steps``: each direction's step seed, to reuse the factors its forwards drew (see :func:`factors`)."""
     with torch.no_grad():
         for j, (seed, g) in enumerate(seeds_and_grads):
-            u, v = factors(p, seed, p.dtype, steps[j] if steps else None)
+            u, v = factors(p, seed, p.dtype, steps[j] if steps else None)  # apply_update_ prefetched them
             p.addr_(u, v, beta=keep if j == 0 else 1.0, alpha=-lr * g)
         if not seeds_and_grads and keep != 1.0:
             p.mul_(keep)

@@ -176,6 +176,20 @@ def _layout(model: nn.Module, params: Sequence[nn.Parameter], mask_fn: MaskFn | 
     return layout
 
 
+def _rank1_factors(params: Sequence[torch.Tensor], which: Sequence[int], step_seed: int) -> dict[int, dict]:
+    """{id(param): {dtype: (u, v)}} for the matrices ``which`` (indices into ``params``), in float32 and in each
+    matrix's own dtype: drawn for all of them at once (:func:`qft.zo.lowrank.prefetch`) rather than one by one
+    inside the forward, where each draw would cost a launch or more."""
+    ps = [params[i] for i in which]
+    seeds = [tensor_seed(step_seed, i) for i in which]
+    out = {id(p): {torch.float32: uv} for p, uv in zip(ps, lowrank.prefetch(ps, seeds, step_seed))}
+    for dtype in {p.dtype for p in ps} - {torch.float32}:
+        mine = [k for k, p in enumerate(ps) if p.dtype == dtype]
+        for k, uv in zip(mine, lowrank.prefetch([ps[k] for k in mine], [seeds[k] for k in mine], step_seed, dtype)):
+            out[id(ps[k])][dtype] = uv
+    return out
+
+
 @contextlib.contextmanager
 def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, scale: float,
               mask_fn: MaskFn | None = None, dist: str = "gaussian"):
@@ -192,19 +206,19 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
     index, holders, hooked, plan = _layout(model, params, mask_fn, dist)
     seen: set[int] = set()
 
-    def make_rank1_hook(holder, pname):
-        kind = lowrank.hook_kind(holder, pname)
+    def make_rank1_hook(pid, holder, pname, pairs):
+        kind, seed = lowrank.hook_kind(holder, pname), tensor_seed(step_seed, index[pid])
 
         def hook(module, args, kwargs, output):
-            p = holder._parameters[pname]
-            i = index[id(p)]
             x = args[0] if args else next(iter(kwargs.values()))
             # u, v in the activations' dtype, so perturb_output casts nothing (float32 when the input and output
             # dtypes differ, as under autocast: perturb_output then casts as it needs); drawn once a step
-            same = x.dtype == output.dtype or not x.is_floating_point()
-            u, v = lowrank.factors(p, tensor_seed(step_seed, i), output.dtype if same else torch.float32, step_seed)
-            seen.add(id(p))
-            return lowrank.perturb_output(kind, x, output, u, v, scale)
+            dtype = output.dtype if x.dtype == output.dtype or not x.is_floating_point() else torch.float32
+            uv = pairs.get(dtype)
+            if uv is None:
+                uv = pairs[dtype] = lowrank.factors(holder._parameters[pname], seed, dtype, step_seed)
+            seen.add(pid)
+            return lowrank.perturb_output(kind, x, output, uv[0], uv[1], scale)
 
         return hook
 
@@ -231,9 +245,9 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
 
     handles, restorers = [], []
     try:
-        for pid in hooked:
+        for pid, pairs in _rank1_factors(params, [index[pid] for pid in hooked], step_seed).items():
             for _, holder, n in holders[pid]:
-                handles.append(holder.register_forward_hook(make_rank1_hook(holder, n), with_kwargs=True))
+                handles.append(holder.register_forward_hook(make_rank1_hook(pid, holder, n, pairs), with_kwargs=True))
         for runner, slots in plan.values():
             pre, post, restore = make_hooks(slots)
             handles.append(runner.register_forward_pre_hook(pre))
@@ -273,10 +287,17 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
     with torch.no_grad():
         keep = 1.0 - lr * weight_decay if weight_decay and decay_mask is not None else 1.0
         ranked = [i for i, p in enumerate(params) if _rank1(p, dist) and mask_fn is None]
-        for i in ranked:  # one addr_ per direction; the decay folded into the first (masked: the torch path)
-            k = keep if decay_mask is not None and decay_mask[i] else 1.0
-            lowrank.update_(params[i], [(tensor_seed(seed, i), g) for seed, g in seeds_and_grads], lr, k,
-                            [seed for seed, _ in seeds_and_grads])
+        for j, (seed, g) in enumerate(seeds_and_grads):  # one addr_ per matrix and direction, the decay folded
+            for dtype in dict.fromkeys(params[i].dtype for i in ranked):  # into the first (masked: the torch path)
+                mine = [i for i in ranked if params[i].dtype == dtype]  # the direction's factors, all at once
+                uvs = lowrank.prefetch([params[i] for i in mine], [tensor_seed(seed, i) for i in mine], seed, dtype)
+                for i, (u, v) in zip(mine, uvs):
+                    k = keep if j == 0 and decay_mask is not None and decay_mask[i] else 1.0
+                    params[i].addr_(u, v, beta=k, alpha=-lr * g)
+        if not seeds_and_grads and keep != 1.0:
+            for i in ranked:
+                if decay_mask is not None and decay_mask[i]:
+                    params[i].mul_(keep)
         fused = [i for i, p in enumerate(params)
                  if triton_ops.usable(p, mask_fn) and not _rank1(p, dist)]
         if fused:  # one fused read-modify-write per direction (one launch per dtype); the first folds in the decay

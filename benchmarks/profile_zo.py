@@ -1,0 +1,99 @@
+"""Where a MeZO step's time goes: torch.profiler over the `qft bench mezo` paths, in one process.
+
+For each path it times steps (wall clock, synchronized), then profiles a few and records the GPU's busy time
+(the sum of its kernels' times: the rest of the wall time the GPU waits for the CPU or a sync), the kernel
+launches a step, and the ops that take the most GPU and CPU time. The model is a random-weight Llama of one
+of qft's benchmark shapes, built in memory (bf16 on a GPU, float32 on a CPU).
+
+    python benchmarks/profile_zo.py --shape llama3-8b --paths inference,qft-mezo-rank1 --out prof.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def _device_us(evt) -> float:
+    return getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0)
+
+
+def profile_path(path: str, model, batch: int, seq: int, warmup: int, steps: int, top: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from qft.bench.zo_worker import build_step
+
+    step, model = build_step(path, model, batch, seq)
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        step()
+    sync()
+    wall = 1000 * (time.perf_counter() - t0) / steps
+    cpu = 1000 * (time.process_time() - c0) / steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    n = max(2, steps // 3)
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    events = prof.key_averages()
+    ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    kernels = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+    row = lambda e, ms: {"name": e.key[:120], "ms_per_step": round(ms / n, 3), "calls_per_step": e.count / n}  # noqa
+    return {
+        "wall_ms": round(wall, 2), "process_cpu_ms": round(cpu, 2),
+        "gpu_busy_ms": round(sum(e.self_device_time_total for e in kernels) / 1000 / n, 2) if cuda else None,
+        "kernel_launches_per_step": sum(e.count for e in kernels) / n if cuda else None,
+        "top_gpu": [row(e, e.self_device_time_total / 1000)
+                    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]],
+        "top_gpu_ops": [row(e, _device_us(e) / 1000) for e in sorted(ops, key=lambda e: -_device_us(e))[:top]],
+        "top_cpu_ops": [row(e, e.self_cpu_time_total / 1000)
+                        for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:top]],
+    }
+
+
+def main() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qft.bench.shapes import SHAPES, environment
+    from qft.io import write_json_atomic
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
+    ap.add_argument("--paths", default="inference,qft-mezo-rank1,qft-mezo-rademacher,qft-mezo")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=9)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    cfg = LlamaConfig(**SHAPES[a.shape], tie_word_embeddings=a.shape == "smollm2-135m")
+    torch.manual_seed(0)
+    with torch.device("cuda" if cuda else "cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16 if cuda else torch.float32)
+    result = {"shape": a.shape, "batch": a.batch, "seq": a.seq, "steps": a.steps, "environment": environment(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "paths": {}}
+    for path in a.paths.split(","):
+        r = profile_path(path, model, a.batch, a.seq, a.warmup, a.steps, a.top)
+        result["paths"][path] = r
+        print(f"{path}: {r['wall_ms']} ms/step wall, GPU busy {r['gpu_busy_ms']} ms, "
+              f"{r['kernel_launches_per_step']} launches, process CPU {r['process_cpu_ms']} ms", flush=True)
+        for e in r["top_gpu"][:8]:
+            print(f"   gpu {e['ms_per_step']:8.3f} ms x{e['calls_per_step']:6.0f}  {e['name'][:80]}", flush=True)
+        for e in r["top_cpu_ops"][:8]:
+            print(f"   cpu {e['ms_per_step']:8.3f} ms x{e['calls_per_step']:6.0f}  {e['name'][:80]}", flush=True)
+        write_json_atomic(a.out, result)
+
+
+if __name__ == "__main__":
+    main()
