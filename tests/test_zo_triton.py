@@ -98,3 +98,17 @@ def test_rank1_directions_on_the_gpu_match_the_reference():
     before = w.detach().clone()
     apply_update_(params, [(4, 3.0)], lr=0.1, dist="rank1")
     torch.testing.assert_close(w, before - 0.3 * direction(before, 4, 1, dist="rank1"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2048, 14336), (4097, 1100)])
+def test_rank_one_add_kernel_on_the_gpu(shape):
+    """rank1's outer-product add (hook outputs and updates) against float64 arithmetic, bf16, odd edges included."""
+    torch.manual_seed(0)
+    out = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(shape[0], device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(shape[1], device="cuda", dtype=torch.bfloat16)
+    assert triton_ops.addr_usable(out)
+    ours = out.clone()
+    triton_ops.addr_(ours, a, b, -0.3, beta=0.9)
+    exact = 0.9 * out.double() - 0.3 * a.double()[:, None] * b.double()
+    assert ((ours.double() - exact).abs() <= 2**-7 * exact.abs() + 1e-6).all()

@@ -33,6 +33,7 @@ def ops(monkeypatch):
 
     # the interpreter runs the kernels on CPU tensors: let the training path take them there
     monkeypatch.setattr(triton_ops, "usable", lambda p, mask_fn=None: mask_fn is None and p.dtype in triton_ops._FLOATS)
+    monkeypatch.setattr(triton_ops, "ADDR_MIN_NUMEL", 0)  # the rank-one kernel for small matrices too
     return triton_ops
 
 
@@ -80,6 +81,21 @@ def test_one_launch_over_many_tensors_equals_one_launch_each(ops, dtype):
     for t, s, u, d in zip(ts, seeds, upd, [0.9, 1.0, 0.9, 1.0]):
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(u.float(), d * t.float() - 0.5 * ops.direction(t, s), rtol=tol, atol=tol)
+
+
+@inside
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_one_add_kernel_is_addr_to_the_dtypes_rounding(ops, dtype):
+    """The rank-one term of rank1 hooks and updates: tiles at the edges of odd shapes, decay, both dtypes."""
+    torch.manual_seed(0)
+    for m, n in [(3, 5), (33, 700), (17, 257), (1, 1)]:
+        out, a, b = torch.randn(m, n).to(dtype), torch.randn(m).to(dtype), torch.randn(n).to(dtype)
+        ours = out.clone()
+        ops.addr_(ours, a, b, -0.3, beta=0.9)
+        exact = 0.9 * out.double() - 0.3 * a.double()[:, None] * b.double()  # float32 arithmetic inside
+        ulp = 2.0**-23 if dtype == torch.float32 else 2.0**-7  # one unit in the last place of the stored dtype
+        assert ((ours.double() - exact).abs() <= 4 * ulp * exact.abs() + 1e-6).all()
+    assert ops.addr_usable(torch.zeros(2, 3)) and not ops.addr_usable(torch.zeros(2, 3).t())
 
 
 @inside

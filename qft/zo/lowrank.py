@@ -143,7 +143,7 @@ def _add_outer(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
     autograd graph is being built."""
     a, b = _as(a, out.dtype), _as(b, out.dtype)
     if not torch.is_grad_enabled() and out.is_contiguous():
-        out.view(-1, out.shape[-1]).addr_(a.reshape(-1), b, alpha=scale)
+        addr_(out.view(-1, out.shape[-1]), a.reshape(-1), b, scale)
         return out
     return out + scale * a.unsqueeze(-1) * b
 
@@ -158,12 +158,22 @@ def perturb_output(kind: str, inputs: torch.Tensor, out: torch.Tensor, u: torch.
     return _add_outer(out, u[inputs], v, scale)  # embedding, W: num × dim, u: num, v: dim
 
 
+def addr_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
+    """``out.addr_(a, b, beta=beta, alpha=alpha)``, through the Triton kernel where it takes ``out`` (a GPU: torch's
+    own is bandwidth-starved there, see :func:`qft.zo.triton_ops.addr_`). The choice depends on ``out`` alone, so
+    a step's two forwards and its update always take the same path."""
+    if triton_ops.addr_usable(out):
+        triton_ops.addr_(out, a, b, alpha, beta)
+    else:
+        out.addr_(a, b, beta=beta, alpha=alpha)
+
+
 def update_(p: torch.Tensor, seeds_and_grads, lr: float, keep: float = 1.0, steps=None) -> None:
     """p ← keep·p − lr·Σ_j g_j·u_j·v_jᵀ, one ``addr_`` per direction (the decay folded into the first);
     ``steps``: each direction's step seed, to reuse the factors its forwards drew (see :func:`factors`)."""
     with torch.no_grad():
         for j, (seed, g) in enumerate(seeds_and_grads):
             u, v = factors(p, seed, p.dtype, steps[j] if steps else None)  # apply_update_ prefetched them
-            p.addr_(u, v, beta=keep if j == 0 else 1.0, alpha=-lr * g)
+            addr_(p, u, v, -lr * g, keep if j == 0 else 1.0)
         if not seeds_and_grads and keep != 1.0:
             p.mul_(keep)

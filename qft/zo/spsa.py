@@ -293,7 +293,7 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
                 uvs = lowrank.prefetch([params[i] for i in mine], [tensor_seed(seed, i) for i in mine], seed, dtype)
                 for i, (u, v) in zip(mine, uvs):
                     k = keep if j == 0 and decay_mask is not None and decay_mask[i] else 1.0
-                    params[i].addr_(u, v, beta=k, alpha=-lr * g)
+                    lowrank.addr_(params[i], u, v, -lr * g, k)
         if not seeds_and_grads and keep != 1.0:
             for i in ranked:
                 if decay_mask is not None and decay_mask[i]:

@@ -103,6 +103,18 @@ if triton is not None:
             _axpy_piece(src, dst, offs + 3 * Q, n, k, scale, z3)
 
 
+    @triton.jit
+    def _addr_kernel(out, a, b, m, n, beta, alpha, BM: tl.constexpr, BN: tl.constexpr):
+        """out[i, j] = beta·out[i, j] + alpha·a[i]·b[j] over one BM x BN tile (float32 arithmetic)."""
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        av = tl.load(a + rm, mask=rm < m, other=0.0).to(tl.float32)
+        bv = tl.load(b + rn, mask=rn < n, other=0.0).to(tl.float32)
+        offs = rm[:, None].to(tl.int64) * n + rn[None, :]
+        inside = (rm[:, None] < m) & (rn[None, :] < n)
+        x = tl.load(out + offs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out + offs, (beta * x + alpha * av[:, None] * bv[None, :]).to(out.dtype.element_ty), mask=inside)
+
 _BLOCK_MAPS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
@@ -199,3 +211,30 @@ def direction(p: torch.Tensor, seed: int, dist: str = "gaussian") -> torch.Tenso
     z = torch.zeros_like(p, dtype=torch.float32)
     axpby_(z, seed, 1.0, keep=0.0, dist=dist)
     return z
+
+
+ADDR_BM, ADDR_BN = 16, 256  # a tile of 4,096 elements: rows of 256 contiguous elements, vectorized loads and stores
+# below this many elements torch's addr_ stays: it takes microseconds on the GPU either way, and a Triton launch
+# costs more CPU time than torch's, which is what bounds a small model's step
+ADDR_MIN_NUMEL = 2**22
+
+
+def addr_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
+    """In place: ``out ← beta·out + alpha·a ⊗ b`` for a contiguous matrix ``out`` (``torch.Tensor.addr_``).
+
+    The rank-one term of every linear layer's output (forward hooks) and of every weight's update
+    (:mod:`qft.zo.lowrank`) under ``dist="rank1"``. torch's ``addr_`` reads its two broadcast vectors through
+    a generic strided loop: at the Llama-3-8B shape its 678 calls a step took 45 ms on an H200, about 1.2 TB/s
+    (benchmarks/results/session6/profile-8b.json); this kernel reads and writes ``out`` in 16 x 256 tiles."""
+    m, n = out.shape
+    grid = (triton.cdiv(m, ADDR_BM), triton.cdiv(n, ADDR_BN))
+    with _on(out.device):
+        _addr_kernel[grid](out, a.contiguous(), b.contiguous(), m, n, float(beta), float(alpha),
+                           BM=ADDR_BM, BN=ADDR_BN)
+
+
+def addr_usable(out: torch.Tensor) -> bool:
+    """Whether :func:`addr_` takes ``out``: as :func:`usable`, for a large enough matrix whose tile grid fits a
+    launch (a function of ``out``'s device, dtype and shape alone)."""
+    return (usable(out) and out.dim() == 2 and out.is_contiguous() and out.numel() >= ADDR_MIN_NUMEL
+            and triton.cdiv(out.shape[1], ADDR_BN) < 65536)
