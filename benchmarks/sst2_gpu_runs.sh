@@ -12,6 +12,8 @@
 # mezo:2e-5:zo_distribution=rank1).
 # The ZO jobs keep checkpoints in /tmp/work: the same command again, while the machine is still warm, continues
 # them from where the time limit stopped them (the curve so far is read back from /tmp/res).
+# The machine stays warm only 30 s after a call: send the continuing call at once (in session 6 a later one found a
+# fresh machine and every checkpoint was gone). Five processes ran about 5-7 steps/s each on the H200.
 # LIMIT counts from the script's start (the model conversion included): keep it 30 s under the call's limit.
 # Results (JSON + logs) end up in $OUT/sst2-runs.tgz. Each process gets 2 CPU threads: nine processes with
 # torch's default (all cores each) starved one another on the first try.
