@@ -66,6 +66,14 @@ if [ -n "$BENCH$RUNS2$GPU_TESTS" ]; then
    wait) &
 fi
 wait
+# each ZO run's newest checkpoint without its weights (a few MB: optimizer.pt holds every step's seeds, projected
+# gradients and rates, from which ZoSGD.replay rebuilds the weights on the same kind of GPU), in the results
+for c in /tmp/work/*/*/checkpoints; do
+  last=$(ls -d $c/checkpoint-* 2>/dev/null | awk -F'checkpoint-' '{print $NF" "$0}' | sort -n | tail -1 | cut -d' ' -f2)
+  [ -n "$last" ] || continue
+  d=/tmp/res/light/$(basename "$(dirname "$(dirname "$c")")")/$(basename "$last"); mkdir -p "$d"
+  cp "$last"/optimizer.pt "$last"/trainer_state.json "$last"/scheduler.pt "$last"/rng_state*.pth "$d"/ 2>/dev/null
+done
 echo "done at $SECONDS s" >> /tmp/res/main.log
 nvidia-smi --query-gpu=name --format=csv >> /tmp/res/main.log
 tar czf $OUT/sst2-runs.tgz -C /tmp/res .

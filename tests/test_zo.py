@@ -319,6 +319,44 @@ def test_resume_is_bit_exact(tmp_path, dist):
         assert torch.equal(a, b), n
 
 
+
+@pytest.mark.parametrize("dist", ["gaussian", "rank1"])
+def test_a_checkpoints_optimizer_state_alone_rebuilds_its_weights(tmp_path, dist):
+    """The seed trick: a checkpoint's optimizer.pt (seeds, projected gradients, learning rates: a few numbers a step)
+    replayed onto the starting weights gives the checkpoint's weights bit-exactly, under a decaying schedule with
+    weight decay; the rebuilt optimizer goes on from the same step."""
+    trainer = _zo_trainer(tmp_path, max_steps=6, save_steps=6, dist=dist, weight_decay=0.1)
+    trainer.args.save_strategy, trainer.args.lr_scheduler_type = "steps", "linear"
+    start = copy.deepcopy(trainer.model)
+    trainer.train()
+    state = torch.load(tmp_path / "checkpoint-6" / "optimizer.pt", weights_only=True)
+    history = state["zo"]["history"]
+    assert [e["t"] for e in history] == list(range(6)) and len({e["groups"][0][0] for e in history}) == 6
+    opt = ZoSGD(_params(start), lr=0.0, weight_decay=0.1, seed=0, dist=dist)
+    opt.replay(history)
+    for (n, a), (_, b) in zip(trainer.model.named_parameters(), start.named_parameters()):
+        assert torch.equal(a, b), n
+    assert opt.step_seed() == trainer.optimizer.optimizer.step_seed() and opt.zo_state["t"] == 6
+
+
+def test_replay_with_a_mask_and_several_directions():
+    """Sparse-MeZO's masks are recomputed from the weights at every step of the replay, as in training; q = 2."""
+    model = tiny_model("llama")
+    start = copy.deepcopy(model)
+    mask_fn = lambda w: w.abs() < 0.02  # noqa: E731
+    x = tiny_inputs(model)
+    opt = ZoSGD(_params(model), lr=1e-2, seed=3, mask_fn=mask_fn)
+    for _ in range(3):
+        for j in range(2):
+            g, _ = zo_projected_grad(model, _params(model), opt.step_seed(j), 1e-3,
+                                     lambda: model(**x, labels=x["input_ids"]).loss, mask_fn)
+            opt.record(opt.step_seed(j), g.item() / 2)
+        opt.step()
+    again = ZoSGD(_params(start), lr=1e-2, seed=3, mask_fn=mask_fn)
+    again.replay(opt.state_dict()["zo"]["history"])
+    assert all(torch.equal(a, b) for a, b in zip(_params(model), _params(start)))
+
+
 def test_nan_guard(tmp_path):
     trainer = _zo_trainer(tmp_path, max_steps=2)
     trainer.zo.objective = lambda model, inputs: model(**inputs).loss * float("nan")

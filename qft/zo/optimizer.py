@@ -3,6 +3,12 @@
 The trainer reports ``(seed, projected_grad)`` pairs with :meth:`ZoSGD.record` during ``training_step``;
 ``step()`` applies them (regenerating z) and advances the step counter that the next seeds derive from.
 The counter is in ``state_dict()``, so a resumed run draws the same directions: resume is bit-exact.
+
+The state also keeps each step's history: its directions' seeds and projected gradients, and each group's learning
+rate and weight decay, a few numbers a step. With the seed trick that is the whole trajectory (MeZO, section 2:
+a fine-tuned model can be stored as its seeds and projected gradients): :meth:`ZoSGD.replay` rebuilds the trained
+weights from the starting ones, bit-exactly on the same kind of device, so a checkpoint's weights can be recovered
+from its ``optimizer.pt`` alone: ``ZoSGD(params, ...).replay(torch.load("./optimizer.pt")["zo"]["history"])``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ class ZoSGD(torch.optim.Optimizer):
             raise ValueError(f"invalid learning rate {lr}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.mask_fn, self.dist = mask_fn, dist
-        self.zo_state = {"t": 0, "seed": int(seed)}
+        self.zo_state = {"t": 0, "seed": int(seed), "history": []}
         self._pending: list[tuple[int, float]] = []
 
     @property
@@ -41,13 +47,31 @@ class ZoSGD(torch.optim.Optimizer):
             merged: dict[int, float] = {}
             for seed, g in self._pending:
                 merged[seed] = merged.get(seed, 0.0) + g
-            for group in self.param_groups:
-                params = group["params"]
-                apply_update_(params, list(merged.items()), lr=group["lr"], weight_decay=group["weight_decay"],
-                              decay_mask=[p.ndim >= 2 for p in params], mask_fn=self.mask_fn, dist=self.dist)
+            entry = {"t": self.zo_state["t"], "directions": [list(d) for d in merged.items()],
+                     "groups": [[group["lr"], group["weight_decay"]] for group in self.param_groups]}
+            self._apply(entry)
+            self.zo_state.setdefault("history", []).append(entry)
             self._pending.clear()
         self.zo_state["t"] += 1
         return None
+
+    def _apply(self, entry: dict) -> None:
+        directions = [(int(seed), float(g)) for seed, g in entry["directions"]]
+        for group, (lr, weight_decay) in zip(self.param_groups, entry["groups"]):
+            params = group["params"]
+            apply_update_(params, directions, lr=lr, weight_decay=weight_decay,
+                          decay_mask=[p.ndim >= 2 for p in params], mask_fn=self.mask_fn, dist=self.dist)
+
+    @torch.no_grad()
+    def replay(self, history: list[dict]) -> None:
+        """Apply the updates of ``history`` (``state_dict()["zo"]["history"]`` of a run started from the weights this
+        optimizer holds now) in order: the weights become that run's, bit-exactly on the same kind of device (the
+        same kernels draw the same directions). The step counter and the history then continue from its end."""
+        for entry in history:
+            self._apply(entry)
+        if history:
+            self.zo_state["t"] = history[-1]["t"] + 1
+            self.zo_state["history"] = [dict(e) for e in history]
 
     def zero_grad(self, set_to_none: bool = True):
         pass  # ZO keeps no gradients
@@ -61,4 +85,4 @@ class ZoSGD(torch.optim.Optimizer):
         zo = state_dict.get("zo")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "zo"})
         if zo is not None:
-            self.zo_state = dict(zo)
+            self.zo_state = {"history": [], **zo}
