@@ -14,6 +14,9 @@
 # them from where the time limit stopped them (the curve so far is read back from /tmp/res).
 # The machine stays warm only 30 s after a call: send the continuing call at once (in session 6 a later one found a
 # fresh machine and every checkpoint was gone). Five processes ran about 5-7 steps/s each on the H200.
+# RESTORE=DIR (an extracted sst2-runs.tgz, carried) continues its ZO runs on a fresh machine: each run's newest
+# checkpoint is kept in the results without its weights (light/), and `--resume auto` rebuilds them by replaying
+# the run's seeds and projected gradients (bit-exact on the same kind of GPU).
 # LIMIT counts from the script's start (the model conversion included): keep it 30 s under the call's limit.
 # Results (JSON + logs) end up in $OUT/sst2-runs.tgz. Each process gets 2 CPU threads: nine processes with
 # torch's default (all cores each) starved one another on the first try.
@@ -25,6 +28,10 @@ BENCH_GPU=${BENCH_GPU:-0}
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 QFT_CACHE=/tmp/qftcache HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
 G=/tmp/qftcache/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p /tmp/qftcache/gguf /tmp/res /tmp/work
+if [ -n "$RESTORE" ]; then  # an extracted sst2-runs.tgz of an earlier machine: its ZO runs continue from there
+  [ -d "$RESTORE/light" ] && cp -rn "$RESTORE"/light/. /tmp/work/  # weightless checkpoints: rebuilt by replay
+  for f in "$RESTORE"/*.json; do [ -e "$f" ] && cp -n "$f" /tmp/res/; done  # their curves so far
+fi
 [ -s $G ] || cat /tmp/smollm2-a.part .kit/smollm2-b/part > $G
 M=$(python3 -c "from qft.models import default_model_path; print(default_model_path())" 2>/tmp/res/convert.log | tail -1)
 echo "model $M at $SECONDS s" >> /tmp/res/main.log
@@ -71,7 +78,7 @@ wait
 for c in /tmp/work/*/*/checkpoints; do
   last=$(ls -d $c/checkpoint-* 2>/dev/null | awk -F'checkpoint-' '{print $NF" "$0}' | sort -n | tail -1 | cut -d' ' -f2)
   [ -n "$last" ] || continue
-  d=/tmp/res/light/$(basename "$(dirname "$(dirname "$c")")")/$(basename "$last"); mkdir -p "$d"
+  d=/tmp/res/light/${c#/tmp/work/}/$(basename "$last"); mkdir -p "$d"  # light/NAME/METHOD/checkpoints/checkpoint-N
   cp "$last"/optimizer.pt "$last"/trainer_state.json "$last"/scheduler.pt "$last"/rng_state*.pth "$d"/ 2>/dev/null
 done
 echo "done at $SECONDS s" >> /tmp/res/main.log

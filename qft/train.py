@@ -217,6 +217,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
     from qft.optim import resolve_optimizer
     from qft.models import DEFAULT_MODEL_NAME, QUANT_FILE, load_tokenizer, resolve_model
     from qft.robust import NanGuard, StopOnSignal, atomic_checkpoints, resolve_resume, train_guarded
+    from qft.zo.trainer import is_weightless, rebuild_checkpoint_weights
 
     start = time.time()
     out = check_output_dir(cfg.output, cfg.overwrite)  # refuse before any slow work
@@ -295,6 +296,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
         # accelerate (1.15) flags a model prepared for evaluation as prepared, and its training prepare then
         # skips the DDP wrapper: every rank would train alone, unsynchronised. Let training wrap it.
         del trainer.model._is_accelerate_prepared
+    if resume and is_weightless(resume):  # a ZO run's checkpoint kept without its weights: replay them
+        rebuild_checkpoint_weights(trainer, resume, log)
     train_out = train_guarded(trainer, stopper, resume)
     _, after = measure()
     log(f"{metric_name} after training:  {after:.4f}")

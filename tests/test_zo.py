@@ -431,3 +431,42 @@ def test_weight_decay_option_reaches_the_optimizer(tiny_model_dir, jsonl, tmp_pa
     assert seen["args"] == 0.05
     # the Trainer's AdamW exempts biases and norms (a group at 0); ZO-SGD decays only 2-D weights itself
     assert 0.05 in seen["groups"]
+
+
+@pytest.mark.parametrize("method", ["mezo", "sparse-mezo"])
+def test_resume_from_a_checkpoint_without_weights(tiny_model_dir, jsonl, tmp_path, method):
+    """`--resume auto` on a ZO checkpoint kept without its weights (optimizer state, scheduler, RNG, trainer state:
+    what benchmarks/sst2_gpu_runs.sh keeps when the machine goes) rebuilds them by replay and finishes the same run,
+    bit-exactly; a weightless checkpoint of a first-order method is refused in one line."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from qft.errors import QftError
+    from qft.train import FinetuneConfig, finetune
+
+    data = jsonl("text")
+    cfg = dict(model=str(tiny_model_dir), data=str(data), method=method, max_steps=6, save_steps=3, batch_size=4,
+               learning_rate=1e-3, weight_decay=0.01)
+    full = tmp_path / "full"
+    finetune(FinetuneConfig(output=str(full), **cfg), log=lambda m: None, progress=False)
+    part = tmp_path / "part"
+    light = part / "checkpoints" / "checkpoint-3"
+    light.mkdir(parents=True)
+    for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+        shutil.copy(full / "checkpoints" / "checkpoint-3" / f, light / f)
+    logs = []
+    finetune(FinetuneConfig(output=str(part), resume="auto", **cfg), log=logs.append, progress=False)
+    assert any("rebuilding the weights of checkpoint-3 from its 3 zeroth-order steps" in m for m in logs)
+    weights = "model.safetensors" if method == "mezo" else "adapter_model.safetensors"
+    a, b = load_file(full / weights), load_file(part / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rebuilt = load_file(light / weights)  # the checkpoint is whole again
+    assert all(torch.equal(v, load_file(full / "checkpoints" / "checkpoint-3" / weights)[k]) for k, v in rebuilt.items())
+
+    shutil.rmtree(part)
+    light.mkdir(parents=True)
+    shutil.copy(full / "checkpoints" / "checkpoint-3" / "trainer_state.json", light)
+    with pytest.raises(QftError, match="no model weights, and no zeroth-order history"):
+        finetune(FinetuneConfig(output=str(part), resume="auto", **{**cfg, "method": "qlora"}), log=lambda m: None,
+                 progress=False)

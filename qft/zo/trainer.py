@@ -89,6 +89,50 @@ def zo_projected_grad(model, params, step_seed: int, eps: float, loss_fn, mask_f
     return g, (loss_plus + loss_minus) / 2
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
+
+
+def is_weightless(checkpoint) -> bool:
+    """Whether a Trainer checkpoint folder holds no model weights (as kept from a ZO run: its optimizer state)."""
+    from pathlib import Path
+
+    return not any((Path(checkpoint) / name).exists() for name in WEIGHT_FILES)
+
+
+def rebuild_checkpoint_weights(trainer, checkpoint, log=print) -> None:
+    """Give a weightless checkpoint its weights again, for ``trainer.train(resume_from_checkpoint=checkpoint)``.
+
+    A ZO run's optimizer state holds every step's seeds, projected gradients and rates (:class:`ZoSGD`), so the
+    trainer's optimizer replays them onto the model the trainer holds (the run's starting weights: the same model,
+    method and options) and the model is saved into the folder, file by file atomically. Bit-exact on the kind of
+    device the run trained on; the same directions must be drawn, so also the same ``--zo-distribution`` and mask."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from qft import distributed
+
+    path = Path(checkpoint)
+    state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu") if (
+        path / "optimizer.pt").exists() else {}
+    history = state.get("zo", {}).get("history")
+    optimizer = trainer.create_optimizer() if history else None
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    if not history or not isinstance(optimizer, ZoSGD):
+        raise QftError(f"checkpoint {path} holds no model weights, and no zeroth-order history to rebuild them from",
+                       "resume from a checkpoint saved with its weights (a ZO run's can be rebuilt, with its method)")
+    log(f"rebuilding the weights of {path.name} from its {len(history)} zeroth-order steps")
+    optimizer.replay(history)
+    if distributed.is_main_process():
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-weights-"))
+        trainer.model.save_pretrained(staging)
+        for f in sorted(staging.iterdir()):
+            os.replace(f, path / f.name)
+        staging.rmdir()
+    distributed.barrier()
+
+
 class ZoTrainerMixin:
     """Mix in before a Trainer class: ``class MyZo(ZoTrainerMixin, SFTTrainer)``."""
 
