@@ -9,7 +9,8 @@
 # SUITE:PATH,PATH runs only those paths. RUNS2 jobs start on BENCH_GPU once the benchmarks are done.
 # GPU_TESTS="tests/x.py ..." runs those tests on BENCH_GPU first (log: gpu-tests.log).
 # qst|mezo|smezo:LR:KEY=VALUE passes one finetune option to the job (e.g. qst:3e-3:downsample=pool,
-# mezo:2e-5:zo_distribution=rank1).
+# mezo:2e-5:zo_distribution=rank1); mezo and smezo take several, comma-separated
+# (mezo:1e-5:zo_distribution=rank1,zo_paired=true).
 # The ZO jobs keep checkpoints in /tmp/work: the same command again, while the machine is still warm, continues
 # them from where the time limit stopped them (the curve so far is read back from /tmp/res).
 # The machine stays warm only 30 s after a call: send the continuing call at once (in session 6 a later one found a
@@ -39,6 +40,7 @@ P="python3 -m qft.bench.sst2 --model $M --data /tmp/sst2 --steps"
 # ZO runs also save a checkpoint every 1,000 steps: twice on the H200 a MeZO process ended at the time limit's SIGTERM
 # without saving (or printing) anything, where the Sparse-MeZO processes beside it saved as they should
 Z="$ZSTEPS --curve-every 500 --zo-objective label-words --option mezo:save_steps=1000 --option sparse-mezo:save_steps=1000"
+opts() { for kv in ${opt//,/ }; do printf -- '--option %s:%s ' "$1" "$kv"; done; }  # mezo:LR:K=V,K=V options
 job() {  # job RUN GPU: start one SST-2 job (NAME, NAME:LR or qst:LR:KEY=VALUE) in the background on GPU GPU
   local job=${1%%:*} lr=${1#*:} opt=""; [ "$lr" = "$1" ] && lr=""
   case $lr in *:*) opt=${lr#*:}; lr=${lr%%:*} ;; esac
@@ -51,9 +53,9 @@ job() {  # job RUN GPU: start one SST-2 job (NAME, NAME:LR or qst:LR:KEY=VALUE) 
              > /tmp/res/$name.log 2>&1 & ;;
     peqa3) $R 300 --methods peqa --option peqa:bits=3 --out /tmp/res/$name.json > /tmp/res/$name.log 2>&1 & ;;
     peqa2) $R 300 --methods peqa --option peqa:bits=2 --out /tmp/res/$name.json > /tmp/res/$name.log 2>&1 & ;;
-    mezo) $R $Z --work /tmp/work/$name --methods mezo --lr mezo=${lr:-5e-6} ${opt:+--option mezo:$opt} --out /tmp/res/$name.json > /tmp/res/$name.log 2>&1 & ;;
+    mezo) $R $Z --work /tmp/work/$name --methods mezo --lr mezo=${lr:-5e-6} $(opts mezo) --out /tmp/res/$name.json > /tmp/res/$name.log 2>&1 & ;;
     smezo) $R $Z --work /tmp/work/$name --methods sparse-mezo --lr sparse-mezo=${lr:-5e-6} \
-             ${opt:+--option sparse-mezo:$opt} --out /tmp/res/$name.json \
+             $(opts sparse-mezo) --out /tmp/res/$name.json \
              > /tmp/res/$name.log 2>&1 & ;;
     optim) QFT_BENCH_DIR=/tmp timeout 400 python3 -m qft.cli bench optim --shape tinyllama-1.1b \
              --out /tmp/res/optim-tinyllama-1.1b.json > /tmp/res/optim-1.1b.log 2>&1 & ;;

@@ -75,6 +75,9 @@ class FinetuneConfig:
     zo_distribution: str = field(default="gaussian", metadata={
         "help": "MeZO: distribution of the random directions: 'gaussian' (MeZO's), 'rademacher' (±1, classic SPSA; "
                 "cheaper to draw on a GPU) or 'rank1' (u·vᵀ per weight matrix, as in LOZO: no weight copies)."})
+    zo_paired: bool = field(default=False, metadata={
+        "help": "MeZO: both perturbed forwards as one forward of the batch twice (half the per-step Python and "
+                "kernel launches, which bound a small model's step on a GPU; more activation memory)."})
     zo_objective: str = field(default="loss", metadata={
         "help": "MeZO: what the two forwards measure: 'loss' (the LM loss on the completions) or 'label-words' "
                 "(cross-entropy over the data's label words, MeZO's prompt-based classification objective)."})
@@ -131,6 +134,9 @@ class FinetuneConfig:
         if self.zo_distribution != "gaussian" and self.method not in ("mezo", "sparse-mezo"):
             raise QftError(f"--zo-distribution applies to mezo and sparse-mezo, not {self.method}",
                            "leave --zo-distribution out, or pass --method mezo")
+        if self.zo_paired and self.method not in ("mezo", "sparse-mezo"):
+            raise QftError(f"--zo-paired applies to mezo and sparse-mezo, not {self.method}",
+                           "leave --zo-paired out, or pass --method mezo")
         if self.zo_objective not in ("loss", "label-words"):
             raise QftError(f"unknown --zo-objective {self.zo_objective!r}", "pass loss or label-words")
         if self.zo_objective != "loss" and self.method not in ("mezo", "sparse-mezo"):

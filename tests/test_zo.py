@@ -470,3 +470,66 @@ def test_resume_from_a_checkpoint_without_weights(tiny_model_dir, jsonl, tmp_pat
     with pytest.raises(QftError, match="no model weights, and no zeroth-order history"):
         finetune(FinetuneConfig(output=str(part), resume="auto", **{**cfg, "method": "qlora"}), log=lambda m: None,
                  progress=False)
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rank1"])
+def test_paired_forward_is_both_perturbed_forwards_in_one(dist):
+    """perturbed_pair over the batch twice: the first half's logits are the +eps forward's, the second half's the
+    -eps forward's (rank1 matrices by a sign per row, norms by running their module once per half); the stored
+    weights are untouched and the modules' own forwards come back."""
+    from qft.zo.spsa import perturbed_pair
+
+    model = tiny_model("llama")
+    params = _params(model)
+    before = [p.detach().clone() for p in params]
+    x = tiny_inputs(model)
+    b = x["input_ids"].shape[0]
+    doubled = {k: torch.cat([v, v]) for k, v in x.items()}
+    with torch.no_grad():
+        with perturbed(model, params, 9, 1e-2, dist=dist):
+            plus = model(**x).logits
+        with perturbed(model, params, 9, -1e-2, dist=dist):
+            minus = model(**x).logits
+        with perturbed_pair(model, params, 9, 1e-2, b, dist=dist) as seen:
+            both = model(**doubled).logits
+    assert len(seen) == len(params)
+    torch.testing.assert_close(both[:b], plus, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(both[b:], minus, atol=2e-6, rtol=1e-5)
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_paired_projected_grad_matches_two_forwards_also_under_sparse_mezo():
+    from peft import get_peft_model
+
+    from qft import SparseMezoConfig
+    from qft.zo.trainer import lm_loss_halves, zo_projected_grad_paired
+
+    for make in (lambda: tiny_model("llama"),
+                 lambda: get_peft_model(tiny_model("llama"), SparseMezoConfig(density=0.3, target_modules="all-linear"))):
+        model = make()
+        params = _params(model)
+        x = tiny_inputs(model)
+        x["labels"] = x["input_ids"].clone()
+        dist = "rank1" if not hasattr(model, "peft_config") else "gaussian"
+        g1, l1 = zo_projected_grad(model, params, 4, 1e-2, lambda: model(**x).loss, dist=dist)
+        g2, l2 = zo_projected_grad_paired(model, params, 4, 1e-2, x, lm_loss_halves, dist=dist)
+        assert abs(g1.item()) > 1e-3
+        # the losses agree to float32 rounding (one ulp of a loss near 5 is 5e-7; g divides by 2 eps)
+        torch.testing.assert_close(g2, g1, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(l2, l1, rtol=1e-6, atol=1e-6)
+
+
+def test_paired_training_in_the_trainer(tmp_path):
+    trainer = _zo_trainer(tmp_path, max_steps=150, dist="rank1")
+    trainer.zo.paired = True
+    before = _loss(trainer.model)
+    trainer.train()
+    assert _loss(trainer.model) < before - 0.3
+
+
+def test_paired_needs_an_objective_with_halves():
+    from qft.errors import QftError
+
+    with pytest.raises(QftError, match="--zo-paired needs each half"):
+        ZoArguments(paired=True, objective=lambda model, inputs: torch.tensor(0.0))

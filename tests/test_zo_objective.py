@@ -56,13 +56,17 @@ def test_objective_is_cross_entropy_over_label_words_at_the_label_position():
             return self.inner(input_ids=input_ids, attention_mask=attention_mask)
 
     torch.testing.assert_close(label_word_objective([20, 21])(NoKeep(), inputs), ref)
+    # a paired forward's two halves (the batch twice): each half's objective, from one forward
+    doubled = {k: torch.cat([v, v]) for k, v in inputs.items()}
+    torch.testing.assert_close(label_word_objective([20, 21]).halves(model, doubled, 2), torch.stack([ref, ref]))
     bad = dict(inputs, labels=torch.where(labels == 20, torch.tensor(22), labels))
     with pytest.raises(QftError, match="none of the data's label words"):
         label_word_objective([20, 21])(model, bad)
 
 
-@pytest.mark.parametrize("method", ["mezo", "sparse-mezo"])  # sparse-mezo: logits_to_keep through peft's wrapper
-def test_finetune_zo_with_label_word_objective(tiny_model_dir, tmp_path, method):
+@pytest.mark.parametrize("method,paired", [("mezo", False), ("sparse-mezo", False), ("mezo", True),
+                                           ("sparse-mezo", True)])  # sparse-mezo: logits_to_keep through peft
+def test_finetune_zo_with_label_word_objective(tiny_model_dir, tmp_path, method, paired):
     from qft.train import FinetuneConfig, finetune
 
     data = tmp_path / "cls.jsonl"
@@ -72,8 +76,11 @@ def test_finetune_zo_with_label_word_objective(tiny_model_dir, tmp_path, method)
                     + "\n")
     r = finetune(FinetuneConfig(model=str(tiny_model_dir), data=str(data), method=method, max_steps=3,
                                 batch_size=4, output=str(tmp_path / "out"), zo_objective="label-words",
-                                learning_rate=1e-3), log=lambda m: None, progress=False)
-    assert r.stats["steps"] == 3
+                                learning_rate=1e-3, zo_paired=paired, zo_distribution="rank1" if paired else "gaussian"),
+                 log=lambda m: None, progress=False)
+    assert r.stats["steps"] == 3 and r.train_loss == r.train_loss
+    with pytest.raises(QftError, match="--zo-paired applies to mezo and sparse-mezo"):
+        FinetuneConfig(method="qlora", zo_paired=True)
     with pytest.raises(QftError, match="applies to mezo and sparse-mezo"):
         FinetuneConfig(method="qlora", zo_objective="label-words")
     with pytest.raises(QftError, match="unknown --zo-objective"):

@@ -51,6 +51,7 @@ SUITES = {
         "qft-mezo": "qft: perturbation inside each decoder layer's forward, fused Triton kernels (one launch per layer, one for the update)",
         "qft-mezo-rademacher": "qft MeZO with ±1 directions (--zo-distribution rademacher): 128 signs per Philox draw",
         "qft-mezo-rank1": "qft MeZO with rank-one directions u·vᵀ per matrix (--zo-distribution rank1): forward hooks add the perturbation to each output, no weight copies",
+        "qft-mezo-rank1-paired": "qft MeZO rank1 with --zo-paired: both perturbed forwards as one forward of the batch twice (a sign per row)",
         "qft-sparse-mezo": "qft Sparse-MeZO, density 0.2 of every linear layer (deltas of the smallest weights)",
     },
 }

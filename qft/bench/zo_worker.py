@@ -3,7 +3,8 @@
 Paths: ``inference`` (two forward passes, the floor a ZO step is measured against), ``mezo-plain`` (the
 reference per-tensor in-place loop: +eps, forward, -2eps, forward, +eps, update; as MeZO's code does it),
 ``qft-mezo`` (qft: perturbation inside each decoder layer's forward, fused Triton kernels), ``qft-mezo-rademacher``
-and ``qft-mezo-rank1`` (the same with ±1 or rank-one directions), ``qft-sparse-mezo`` (qft
+and ``qft-mezo-rank1`` (the same with ±1 or rank-one directions), ``qft-mezo-rank1-paired`` (rank1 with both forwards as
+one forward of the batch twice, ``--zo-paired``), ``qft-sparse-mezo`` (qft
 Sparse-MeZO at density 0.2 over every linear layer: the perturbed values are the selected entries' deltas).
 """
 
@@ -54,7 +55,7 @@ def build_step(path: str, model, batch: int, seq: int):
     batch of ``batch x seq`` tokens; Sparse-MeZO wraps the model, so use the model returned."""
     from qft.zo.optimizer import ZoSGD
     from qft.zo.spsa import apply_update_, perturb_inplace_
-    from qft.zo.trainer import zo_projected_grad
+    from qft.zo.trainer import lm_loss_halves, zo_projected_grad, zo_projected_grad_paired
 
     device = next(model.parameters()).device
     model.eval()
@@ -68,7 +69,8 @@ def build_step(path: str, model, batch: int, seq: int):
         model = get_peft_model(model, SparseMezoConfig(density=0.2, target_modules="all-linear"))
     params = [p for p in model.parameters() if p.requires_grad]  # all weights; Sparse-MeZO: its deltas
     loss_fn = lambda: model(input_ids=ids, labels=ids, use_cache=False).loss  # noqa: E731
-    dist = {"qft-mezo-rademacher": "rademacher", "qft-mezo-rank1": "rank1"}.get(path, "gaussian")
+    dist = {"qft-mezo-rademacher": "rademacher", "qft-mezo-rank1": "rank1",
+            "qft-mezo-rank1-paired": "rank1"}.get(path, "gaussian")
     opt = ZoSGD(params, lr=1e-7, seed=0, dist=dist)
 
     def step_inference():
@@ -94,7 +96,14 @@ def build_step(path: str, model, batch: int, seq: int):
         opt.record(seed, g.item())
         opt.step()
 
-    steps = {"inference": step_inference, "mezo-plain": step_plain}
+    def step_paired():
+        seed = opt.step_seed()
+        g, _ = zo_projected_grad_paired(model, params, seed, 1e-3, {"input_ids": ids, "labels": ids}, lm_loss_halves,
+                                        dist=dist)
+        opt.record(seed, g.item())
+        opt.step()
+
+    steps = {"inference": step_inference, "mezo-plain": step_plain, "qft-mezo-rank1-paired": step_paired}
     return steps.get(path, step_qft), model
 
 

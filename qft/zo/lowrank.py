@@ -149,13 +149,19 @@ def _add_outer(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
 
 
 def perturb_output(kind: str, inputs: torch.Tensor, out: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                   scale: float) -> torch.Tensor:
-    """The module's output as if its weight were W + scale·u·vᵀ (``inputs``: its first positional argument)."""
+                   scale: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The module's output as if its weight were W + scale·u·vᵀ (``inputs``: its first positional argument);
+    ``rows`` (one number per batch row) scales the term row by row: a paired
+    forward's +1 / −1 (:func:`qft.zo.spsa.perturbed_pair`)."""
     if kind == "linear":  # W: out × in, u: out, v: in
-        return _add_outer(out, inputs @ _as(v, inputs.dtype), u, scale)
-    if kind == "conv1d":  # W: in × out, u: in, v: out
-        return _add_outer(out, inputs @ _as(u, inputs.dtype), v, scale)
-    return _add_outer(out, u[inputs], v, scale)  # embedding, W: num × dim, u: num, v: dim
+        a, b = inputs @ _as(v, inputs.dtype), u
+    elif kind == "conv1d":  # W: in × out, u: in, v: out
+        a, b = inputs @ _as(u, inputs.dtype), v
+    else:  # embedding, W: num × dim, u: num, v: dim
+        a, b = u[inputs], v
+    if rows is not None:
+        a = a * _as(rows, a.dtype).view(-1, *[1] * (a.dim() - 1))
+    return _add_outer(out, a, b, scale)
 
 
 def addr_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float = 1.0) -> None:

@@ -54,7 +54,7 @@ def label_word_objective(candidate_ids: Sequence[int]):
     """
     candidates = torch.tensor(list(candidate_ids))
 
-    def objective(model, inputs) -> torch.Tensor:
+    def scores_and_targets(model, inputs):
         labels = inputs["labels"]
         rows = torch.arange(labels.shape[0], device=labels.device)
         pos = (labels != -100).int().argmax(1)  # first label position of each row
@@ -71,9 +71,17 @@ def label_word_objective(candidate_ids: Sequence[int]):
         if _keeps_logits(type(_base(model))):  # the head runs on the predicting positions only, not the whole batch
             kwargs["logits_to_keep"], at = torch.unique(at, return_inverse=True)
         logits = model(**kwargs, use_cache=False).logits
-        scores = logits[rows, at][:, cand].float()
-        return F.cross_entropy(scores, hit.int().argmax(1))
+        return logits[rows, at][:, cand].float(), hit.int().argmax(1)
 
+    def objective(model, inputs) -> torch.Tensor:
+        return F.cross_entropy(*scores_and_targets(model, inputs))
+
+    def halves(model, inputs, batch: int) -> torch.Tensor:
+        """The objective of rows [0, batch) and of the rest, from one forward (``ZoArguments(paired=True)``)."""
+        losses = F.cross_entropy(*scores_and_targets(model, inputs), reduction="none")
+        return torch.stack([losses[:batch].mean(), losses[batch:].mean()])
+
+    objective.halves = halves
     return objective
 
 

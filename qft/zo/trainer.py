@@ -27,7 +27,7 @@ from transformers import Trainer
 
 from qft.errors import QftError
 from qft.zo.optimizer import ZoSGD
-from qft.zo.spsa import DISTRIBUTIONS, MaskFn, perturbed
+from qft.zo.spsa import DISTRIBUTIONS, MaskFn, perturbed, perturbed_pair
 
 
 @dataclass
@@ -41,11 +41,19 @@ class ZoArguments:
         "help": "z's distribution: 'gaussian' (MeZO), 'rademacher' (±1, classic SPSA) or 'rank1' (u·vᵀ per "
                 "weight matrix, applied by forward hooks without copying the weights; qft.zo.lowrank)."})
 
+    paired: bool = field(default=False, metadata={
+        "help": "Both perturbed forwards as one forward of the batch twice (rank1 directions: a sign per row; other "
+                "tensors: their module runs once per half). Half the Python and launches a step, which bound a small "
+                "model's step on a GPU; needs the LM loss or an objective with .halves (the label-word one)."})
+
     def __post_init__(self):
         if not self.eps > 0:
             raise QftError(f"zo eps must be positive, got {self.eps}", "pass e.g. --zo-eps 1e-3")
         if self.distribution not in DISTRIBUTIONS:
             raise QftError(f"unknown zo distribution {self.distribution!r}", f"pass one of {', '.join(DISTRIBUTIONS)}")
+        if self.paired and self.objective is not None and not hasattr(self.objective, "halves"):
+            raise QftError("--zo-paired needs each half's objective from one forward, which this objective does not give",
+                           "use the LM loss or --zo-objective label-words, or leave --zo-paired off")
         if self.samples < 1:
             raise QftError(f"zo samples must be at least 1, got {self.samples}", "pass --zo-samples 1 or more")
 
@@ -72,17 +80,21 @@ def _prepare_without_ddp(prepare_model, model, device_placement=None, evaluation
     return model
 
 
+def _check_all_used(seen: set, params) -> None:
+    if len(seen) < len(params):
+        missing = len(params) - len(seen)
+        raise QftError(f"{missing} of {len(params)} trainable tensors were not used by their modules' forward, "
+                       "so zeroth-order training cannot perturb them",
+                       "freeze them (requires_grad=False) or tune another parameter set")
+
+
 def zo_projected_grad(model, params, step_seed: int, eps: float, loss_fn, mask_fn: MaskFn | None = None,
                       dist: str = "gaussian"):
     """(g, mean loss) for one direction: two perturbed forwards; g is all-reduced across ranks."""
     with torch.no_grad():
         with perturbed(model, params, step_seed, +eps, mask_fn, dist) as seen:
             loss_plus = loss_fn().detach().double()
-        if len(seen) < len(params):
-            missing = len(params) - len(seen)
-            raise QftError(f"{missing} of {len(params)} trainable tensors were not used by their modules' forward, "
-                           "so zeroth-order training cannot perturb them",
-                           "freeze them (requires_grad=False) or tune another parameter set")
+        _check_all_used(seen, params)
         with perturbed(model, params, step_seed, -eps, mask_fn, dist):
             loss_minus = loss_fn().detach().double()
     g = _all_reduce_mean((loss_plus - loss_minus) / (2 * eps))
@@ -133,6 +145,32 @@ def rebuild_checkpoint_weights(trainer, checkpoint, log=print) -> None:
     distributed.barrier()
 
 
+def lm_loss_halves(model, inputs, batch: int) -> torch.Tensor:
+    """The causal-LM loss (mean over each half's labelled tokens, as transformers computes it) of rows [0, batch)
+    and of the rest, from one forward."""
+    labels = inputs["labels"]
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
+    shifted = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                           ignore_index=-100, reduction="none").view(shifted.shape)
+    valid = (shifted != -100)
+    return torch.stack([ce[h].sum() / valid[h].sum().clamp(min=1) for h in (slice(0, batch), slice(batch, None))])
+
+
+def zo_projected_grad_paired(model, params, step_seed: int, eps: float, inputs: dict, halves,
+                             mask_fn: MaskFn | None = None, dist: str = "gaussian"):
+    """:func:`zo_projected_grad` from one forward of the batch twice (:func:`qft.zo.spsa.perturbed_pair`);
+    ``halves(model, doubled_inputs, batch)`` gives the two halves' losses."""
+    batch = next(v.shape[0] for v in inputs.values() if torch.is_tensor(v) and v.dim())
+    doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
+               for k, v in inputs.items()}
+    with torch.no_grad(), perturbed_pair(model, params, step_seed, eps, batch, mask_fn, dist) as seen:
+        loss_plus, loss_minus = halves(model, doubled, batch).detach().double()
+    _check_all_used(seen, params)
+    g = _all_reduce_mean((loss_plus - loss_minus) / (2 * eps))
+    return g, (loss_plus + loss_minus) / 2
+
+
 class ZoTrainerMixin:
     """Mix in before a Trainer class: ``class MyZo(ZoTrainerMixin, SFTTrainer)``."""
 
@@ -171,6 +209,13 @@ class ZoTrainerMixin:
             return model(**inputs, use_cache=False).loss
         return self.compute_loss(model, inputs)
 
+    @staticmethod
+    def _lm_halves(model, inputs, batch):
+        if "labels" not in inputs:
+            raise QftError("--zo-paired needs labelled batches (the LM loss of each half)",
+                           "leave --zo-paired off, or pass an objective with .halves")
+        return lm_loss_halves(model, inputs, batch)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.eval()  # dropout off: both forwards must see the same function
         inputs = self._prepare_inputs(inputs)
@@ -179,8 +224,13 @@ class ZoTrainerMixin:
         total_loss = 0.0
         for j in range(self.zo.samples):
             seed = opt.step_seed(j)
-            g, loss = zo_projected_grad(model, opt.params, seed, self.zo.eps, lambda: self._zo_loss(model, inputs),
-                                        self.zo.mask_fn, self.zo.distribution)
+            if self.zo.paired:
+                halves = self.zo.objective.halves if self.zo.objective is not None else self._lm_halves
+                g, loss = zo_projected_grad_paired(model, opt.params, seed, self.zo.eps, inputs, halves,
+                                                   self.zo.mask_fn, self.zo.distribution)
+            else:
+                g, loss = zo_projected_grad(model, opt.params, seed, self.zo.eps,
+                                            lambda: self._zo_loss(model, inputs), self.zo.mask_fn, self.zo.distribution)
             if not torch.isfinite(g):
                 raise QftError(f"the projected gradient became {g.item()} at step {self.state.global_step}",
                                "lower --learning-rate, raise --zo-eps, or train in float32")

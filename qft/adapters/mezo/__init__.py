@@ -19,7 +19,8 @@ def zo_plan(cfg, peft_config) -> MethodPlan:
     from qft.models import load_base
     from qft.zo.trainer import ZoArguments, zo_sft_trainer_cls
 
-    zo = ZoArguments(eps=cfg.zo_eps, samples=cfg.zo_samples, distribution=cfg.zo_distribution)
+    zo = ZoArguments(eps=cfg.zo_eps, samples=cfg.zo_samples, distribution=cfg.zo_distribution,
+                     paired=cfg.zo_paired)
     return MethodPlan(
         load_base=lambda model_id: load_base(model_id, None, dtype=torch.float32),
         peft_config=peft_config,
