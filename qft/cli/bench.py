@@ -19,7 +19,7 @@ def bench_command(
     suite: str = typer.Argument("qlora", help=(
         "What to benchmark: qlora, peqa, qst (vs stock peft/TRL QLoRA), spiel (vs LoRA of the same parameter "
         "count), mezo (vs inference and MeZO's loop) or optim (optimizer state).")),
-    shape: str = typer.Option("tinyllama-1.1b", "--shape", help="Model shape: llama3-8b, tinyllama-1.1b or tiny."),
+    shape: str = typer.Option("tinyllama-1.1b", "--shape", help="Model shape: llama3-8b, tinyllama-1.1b, smollm2-135m, cpu-small or tiny."),
     batch: int = typer.Option(4, "--batch", help="Sequences per step."),
     seq: int = typer.Option(512, "--seq", help="Tokens per sequence."),
     steps: int = typer.Option(10, "--steps", help="Timed steps (after warm-up steps)."),
