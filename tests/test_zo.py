@@ -337,6 +337,13 @@ def test_a_checkpoints_optimizer_state_alone_rebuilds_its_weights(tmp_path, dist
     for (n, a), (_, b) in zip(trainer.model.named_parameters(), start.named_parameters()):
         assert torch.equal(a, b), n
     assert opt.step_seed() == trainer.optimizer.optimizer.step_seed() and opt.zo_state["t"] == 6
+    from qft.errors import QftError
+
+    other = "gaussian" if dist == "rank1" else "rank1"
+    with pytest.raises(QftError, match=f"drawn with --zo-distribution {dist}, not {other}"):
+        ZoSGD(_params(copy.deepcopy(start)), dist=other).replay(history)
+    with pytest.raises(QftError, match="same --model and method options"):
+        ZoSGD(_params(start)[:-1], dist=dist).replay(history)
 
 
 def test_replay_with_a_mask_and_several_directions():

@@ -47,8 +47,9 @@ class ZoSGD(torch.optim.Optimizer):
             merged: dict[int, float] = {}
             for seed, g in self._pending:
                 merged[seed] = merged.get(seed, 0.0) + g
-            entry = {"t": self.zo_state["t"], "directions": [list(d) for d in merged.items()],
-                     "groups": [[group["lr"], group["weight_decay"]] for group in self.param_groups]}
+            entry = {"t": self.zo_state["t"], "directions": [list(d) for d in merged.items()], "dist": self.dist,
+                     "groups": [[group["lr"], group["weight_decay"], len(group["params"])]
+                                for group in self.param_groups]}
             self._apply(entry)
             self.zo_state.setdefault("history", []).append(entry)
             self._pending.clear()
@@ -57,7 +58,7 @@ class ZoSGD(torch.optim.Optimizer):
 
     def _apply(self, entry: dict) -> None:
         directions = [(int(seed), float(g)) for seed, g in entry["directions"]]
-        for group, (lr, weight_decay) in zip(self.param_groups, entry["groups"]):
+        for group, (lr, weight_decay, *_) in zip(self.param_groups, entry["groups"]):
             params = group["params"]
             apply_update_(params, directions, lr=lr, weight_decay=weight_decay,
                           decay_mask=[p.ndim >= 2 for p in params], mask_fn=self.mask_fn, dist=self.dist)
@@ -67,6 +68,18 @@ class ZoSGD(torch.optim.Optimizer):
         """Apply the updates of ``history`` (``state_dict()["zo"]["history"]`` of a run started from the weights this
         optimizer holds now) in order: the weights become that run's, bit-exactly on the same kind of device (the
         same kernels draw the same directions). The step counter and the history then continue from its end."""
+        from qft.errors import QftError
+
+        for entry in history[:1]:  # the same directions must be drawn, over the same tensors
+            if entry.get("dist", self.dist) != self.dist:
+                raise QftError(f"the checkpoint's steps were drawn with --zo-distribution {entry['dist']}, not "
+                               f"{self.dist}", f"resume with --zo-distribution {entry['dist']}")
+            sizes = [g[2] for g in entry["groups"] if len(g) > 2]
+            if len(entry["groups"]) != len(self.param_groups) or sizes and sizes != [
+                    len(g["params"]) for g in self.param_groups]:
+                raise QftError(f"the checkpoint's steps updated {sum(sizes)} tensors, this model has "
+                               f"{sum(len(g['params']) for g in self.param_groups)} trainable ones",
+                               "resume with the same --model and method options as the run that saved it")
         for entry in history:
             self._apply(entry)
         if history:
