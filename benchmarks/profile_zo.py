@@ -50,10 +50,9 @@ def profile_path(path: str, model, batch: int, seq: int, warmup: int, steps: int
     row = lambda e, ms: {"name": e.key[:120], "ms_per_step": round(ms / n, 3), "calls_per_step": e.count / n}  # noqa
     return {
         "wall_ms": round(wall, 2), "process_cpu_ms": round(cpu, 2),
-        "gpu_busy_ms": round(sum(e.self_device_time_total for e in kernels) / 1000 / n, 2) if cuda else None,
+        "gpu_busy_ms": round(sum(_device_us(e) for e in kernels) / 1000 / n, 2) if cuda else None,
         "kernel_launches_per_step": sum(e.count for e in kernels) / n if cuda else None,
-        "top_gpu": [row(e, e.self_device_time_total / 1000)
-                    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]],
+        "top_gpu": [row(e, _device_us(e) / 1000) for e in sorted(kernels, key=lambda e: -_device_us(e))[:top]],
         "top_gpu_ops": [row(e, _device_us(e) / 1000) for e in sorted(ops, key=lambda e: -_device_us(e))[:top]],
         "top_cpu_ops": [row(e, e.self_cpu_time_total / 1000)
                         for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:top]],

@@ -262,7 +262,8 @@ def test_rank1_factors_are_drawn_once_a_step(monkeypatch):
         assert len(lowrank._STEP["factors"]) == matrices and lowrank._STEP["step"] == step_seed
         for i, p in enumerate(_params(reference)):  # the same update, factors drawn afresh (no step)
             if p.dim() == 2:
-                lowrank.update_(p, [(tensor_seed(step_seed, i), g.item())], lr=1e-2)
+                with torch.no_grad():
+                    p.addr_(*lowrank.factors(p, tensor_seed(step_seed, i)), alpha=-1e-2 * g.item())
                 assert torch.equal(p, params[i])
 
 
@@ -479,11 +480,10 @@ def test_resume_from_a_checkpoint_without_weights(tiny_model_dir, jsonl, tmp_pat
                  progress=False)
 
 
-@pytest.mark.parametrize("dist", ["gaussian", "rank1"])
-def test_paired_forward_is_both_perturbed_forwards_in_one(dist):
+def check_paired_forward(dist: str, seed: int = 9):
     """perturbed_pair over the batch twice: the first half's logits are the +eps forward's, the second half's the
-    -eps forward's (rank1 matrices by a sign per row, norms by running their module once per half); the stored
-    weights are untouched and the modules' own forwards come back."""
+    -eps forward's; every tuned tensor takes part. Returns the model and its weights before (shared with the
+    Triton-interpreter test, which runs it with the kernels' directions)."""
     from qft.zo.spsa import perturbed_pair
 
     model = tiny_model("llama")
@@ -491,18 +491,25 @@ def test_paired_forward_is_both_perturbed_forwards_in_one(dist):
     before = [p.detach().clone() for p in params]
     x = tiny_inputs(model)
     b = x["input_ids"].shape[0]
-    doubled = {k: torch.cat([v, v]) for k, v in x.items()}
     with torch.no_grad():
-        with perturbed(model, params, 9, 1e-2, dist=dist):
+        with perturbed(model, params, seed, 1e-2, dist=dist):
             plus = model(**x).logits
-        with perturbed(model, params, 9, -1e-2, dist=dist):
+        with perturbed(model, params, seed, -1e-2, dist=dist):
             minus = model(**x).logits
-        with perturbed_pair(model, params, 9, 1e-2, b, dist=dist) as seen:
-            both = model(**doubled).logits
+        with perturbed_pair(model, params, seed, 1e-2, b, dist=dist) as seen:
+            both = model(**{k: torch.cat([v, v]) for k, v in x.items()}).logits
     assert len(seen) == len(params)
     torch.testing.assert_close(both[:b], plus, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(both[b:], minus, atol=2e-6, rtol=1e-5)
-    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    return model, before
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rank1"])
+def test_paired_forward_is_both_perturbed_forwards_in_one(dist):
+    """rank1 matrices by a sign per row, norms by running their module once per half; the stored weights are
+    untouched and the modules' own forwards come back."""
+    model, before = check_paired_forward(dist)
+    assert all(torch.equal(p, q) for p, q in zip(_params(model), before))
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 

@@ -176,20 +176,6 @@ def test_sparse_mezo_effective_weight_kernel_matches_the_torch_path(dtype, cols)
 @pytest.mark.parametrize("dist", ["gaussian", "rank1"])
 def test_paired_forward_with_the_kernels(ops, dist):
     """--zo-paired with the kernels' directions (the norms' copies made up front, rank1 factors in one launch)."""
-    from qft.zo.spsa import perturbed, perturbed_pair
+    from tests.test_zo import check_paired_forward
 
-    from tests.tiny import tiny_inputs, tiny_model
-
-    model = tiny_model("llama")
-    params = list(model.parameters())
-    x = tiny_inputs(model)
-    b = x["input_ids"].shape[0]
-    with torch.no_grad():
-        with perturbed(model, params, 3, 1e-2, dist=dist):
-            plus = model(**x).logits
-        with perturbed(model, params, 3, -1e-2, dist=dist):
-            minus = model(**x).logits
-        with perturbed_pair(model, params, 3, 1e-2, b, dist=dist) as seen:
-            both = model(**{k: torch.cat([v, v]) for k, v in x.items()}).logits
-    assert len(seen) == len(params)
-    torch.testing.assert_close(both, torch.cat([plus, minus]), atol=2e-6, rtol=1e-5)
+    check_paired_forward(dist, seed=3)

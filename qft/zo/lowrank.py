@@ -173,13 +173,3 @@ def addr_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, bet
     else:
         out.addr_(a, b, beta=beta, alpha=alpha)
 
-
-def update_(p: torch.Tensor, seeds_and_grads, lr: float, keep: float = 1.0, steps=None) -> None:
-    """p ← keep·p − lr·Σ_j g_j·u_j·v_jᵀ, one ``addr_`` per direction (the decay folded into the first);
-    ``steps``: each direction's step seed, to reuse the factors its forwards drew (see :func:`factors`)."""
-    with torch.no_grad():
-        for j, (seed, g) in enumerate(seeds_and_grads):
-            u, v = factors(p, seed, p.dtype, steps[j] if steps else None)  # apply_update_ prefetched them
-            addr_(p, u, v, -lr * g, keep if j == 0 else 1.0)
-        if not seeds_and_grads and keep != 1.0:
-            p.mul_(keep)

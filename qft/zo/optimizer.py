@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from qft.errors import QftError
 from qft.zo.spsa import MaskFn, apply_update_
 
 
@@ -68,8 +69,6 @@ class ZoSGD(torch.optim.Optimizer):
         """Apply the updates of ``history`` (``state_dict()["zo"]["history"]`` of a run started from the weights this
         optimizer holds now) in order: the weights become that run's, bit-exactly on the same kind of device (the
         same kernels draw the same directions). The step counter and the history then continue from its end."""
-        from qft.errors import QftError
-
         for entry in history[:1]:  # the same directions must be drawn, over the same tensors
             if entry.get("dist", self.dist) != self.dist:
                 raise QftError(f"the checkpoint's steps were drawn with --zo-distribution {entry['dist']}, not "

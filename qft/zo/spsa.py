@@ -146,7 +146,8 @@ def perturbed_copies(ps: Sequence[torch.Tensor], step_seed: int, indices: Sequen
 
 def _layout(model: nn.Module, params: Sequence[nn.Parameter], mask_fn: MaskFn | None, dist: str):
     """Where :func:`perturbed` puts its hooks: (param index by id, holders of each param, ids of the matrices
-    perturbed by rank-one output hooks, {runner id: (runner, [(holder, name)])} for the rest).
+    perturbed by rank-one output hooks, {runner id: (runner, [(holder, name)])} for the rest, and for
+    :func:`perturbed_pair` the same rest by the module that uses them: {module id: (module, [(holder, name)])}).
 
     Walking the module tree costs milliseconds on a 30-layer model, twice a step, so the layout is kept per model
     (an attribute of the model, so it lives and dies with it) and reused while the same tensors sit in the same
@@ -167,12 +168,15 @@ def _layout(model: nn.Module, params: Sequence[nn.Parameter], mask_fn: MaskFn | 
     hooked = {pid for pid, hs in holders.items() if mask_fn is None and _rank1(params[index[pid]], dist)
               and all(lowrank.hook_kind(h, n) for _, h, n in hs)}
     plan: dict[int, tuple[nn.Module, list[tuple[nn.Module, str]]]] = {}
+    splits: dict[int, tuple[nn.Module, list[tuple[nn.Module, str]]]] = {}
     for pid, hs in holders.items():
         if pid not in hooked:
             for name, holder, n in hs:
                 runner = _runner(name, holder, modules)
                 plan.setdefault(id(runner), (runner, []))[1].append((holder, n))
-    layout = (index, holders, hooked, plan)
+                own = modules[name.rpartition(".")[0]] if isinstance(holder, _CONTAINERS) and name else holder
+                splits.setdefault(id(own), (own, []))[1].append((holder, n))
+    layout = (index, holders, hooked, plan, splits)
     model.__dict__["_qft_zo_layout"] = (key, layout)
     return layout
 
@@ -231,7 +235,7 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
     With ``dist="rank1"``, a matrix held only by plain linear, embedding or Conv1D modules is not copied at
     all: a forward hook on each of its modules adds the rank-one term to the output (:mod:`qft.zo.lowrank`).
     """
-    index, holders, hooked, plan = _layout(model, params, mask_fn, dist)
+    index, holders, hooked, plan, _ = _layout(model, params, mask_fn, dist)
     seen: set[int] = set()
 
     def make_hooks(slots):
@@ -286,7 +290,7 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
     rank1 matrices take their rank-one term with a sign per row (no copies); every other tensor's module runs
     twice inside the forward, once per half, each time with its perturbed copy, so it must take a batch-first
     tensor as its first argument (norms, linear layers, peft layers do)."""
-    index, holders, hooked, _ = _layout(model, params, mask_fn, dist)
+    index, holders, hooked, _, splits = _layout(model, params, mask_fn, dist)
     seen: set[int] = set()
     signs: dict = {}
     fix = "leave --zo-paired off for this model"
@@ -334,13 +338,6 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
 
         return forward
 
-    splits: dict[int, tuple[nn.Module, list]] = {}
-    modules = dict(model.named_modules())
-    for pid, hs in holders.items():
-        if pid not in hooked:
-            for name, holder, n in hs:
-                module = modules[name.rpartition(".")[0]] if isinstance(holder, _CONTAINERS) and name else holder
-                splits.setdefault(id(module), (module, []))[1].append((holder, n))
     split_ps = list({id(h._parameters[n]): h._parameters[n] for _, slots in splits.values() for h, n in slots}.values())
     if sum(p.numel() * p.element_size() for p in split_ps) <= PAIRED_READY_BYTES:  # norms and biases: all copies
         for sign in (1.0, -1.0):  # in one go (one launch per dtype on a GPU), not two per module and forward
@@ -390,15 +387,14 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
         keep = 1.0 - lr * weight_decay if weight_decay and decay_mask is not None else 1.0
         ranked = [i for i, p in enumerate(params) if _rank1(p, dist) and mask_fn is None]
         for j, (seed, g) in enumerate(seeds_and_grads):  # one addr_ per matrix and direction, the decay folded
-            for dtype in dict.fromkeys(params[i].dtype for i in ranked):  # into the first (masked: the torch path)
-                mine = [i for i in ranked if params[i].dtype == dtype]  # the direction's factors, all at once
-                uvs = lowrank.prefetch([params[i] for i in mine], [tensor_seed(seed, i) for i in mine], seed, dtype)
-                for i, (u, v) in zip(mine, uvs):
-                    k = keep if j == 0 and decay_mask is not None and decay_mask[i] else 1.0
-                    lowrank.addr_(params[i], u, v, -lr * g, k)
-        if not seeds_and_grads and keep != 1.0:
+            factors = _rank1_factors(params, ranked, seed)  # into the first (masked: the torch path); the factors
+            for i in ranked:  # of all matrices at once, those its forwards drew
+                u, v = factors[id(params[i])][params[i].dtype]
+                k = keep if j == 0 and decay_mask is not None and decay_mask[i] else 1.0
+                lowrank.addr_(params[i], u, v, -lr * g, k)
+        if not seeds_and_grads and keep != 1.0:  # keep != 1 only with a decay mask
             for i in ranked:
-                if decay_mask is not None and decay_mask[i]:
+                if decay_mask[i]:
                     params[i].mul_(keep)
         fused = [i for i, p in enumerate(params)
                  if triton_ops.usable(p, mask_fn) and not _rank1(p, dist)]

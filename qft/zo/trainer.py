@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from transformers import Trainer
 
+from qft import distributed
 from qft.errors import QftError
+from qft.io import publishing
 from qft.zo.optimizer import ZoSGD
 from qft.zo.spsa import DISTRIBUTIONS, MaskFn, perturbed, perturbed_pair
 
@@ -107,8 +110,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_mo
 
 def is_weightless(checkpoint) -> bool:
     """Whether a Trainer checkpoint folder holds no model weights (as kept from a ZO run: its optimizer state)."""
-    from pathlib import Path
-
     return not any((Path(checkpoint) / name).exists() for name in WEIGHT_FILES)
 
 
@@ -119,12 +120,6 @@ def rebuild_checkpoint_weights(trainer, checkpoint, log=print) -> None:
     trainer's optimizer replays them onto the model the trainer holds (the run's starting weights: the same model,
     method and options) and the model is saved into the folder, file by file atomically. Bit-exact on the kind of
     device the run trained on; the same directions must be drawn, so also the same ``--zo-distribution`` and mask."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    from qft import distributed
-
     path = Path(checkpoint)
     state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu") if (
         path / "optimizer.pt").exists() else {}
@@ -137,11 +132,8 @@ def rebuild_checkpoint_weights(trainer, checkpoint, log=print) -> None:
     log(f"rebuilding the weights of {path.name} from its {len(history)} zeroth-order steps")
     optimizer.replay(history)
     if distributed.is_main_process():
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-weights-"))
-        trainer.model.save_pretrained(staging)
-        for f in sorted(staging.iterdir()):
-            os.replace(f, path / f.name)
-        staging.rmdir()
+        with publishing(path, "rebuilt weights") as staging:
+            trainer.model.save_pretrained(staging)
     distributed.barrier()
 
 
