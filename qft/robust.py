@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, rotate_checkpoints
 
 from qft.errors import QftError, QftInterrupted
 from qft.io import check_weight_files
@@ -218,8 +219,30 @@ def resolve_resume(spec: str | None, checkpoints: Path, allow_pickle: bool = Fal
     return str(path)
 
 
-def train_guarded(trainer, stopper: StopOnSignal, resume: str | None = None):
-    """``trainer.train()`` with signal handling; a stop by signal before the last step becomes QftInterrupted."""
+def finished_steps(trainer, checkpoint: str | None) -> int | None:
+    """The step count of ``checkpoint`` when it already holds every step of the run ``trainer`` would train (its
+    ``--max-steps``, or the count the checkpoint's run planned), else None."""
+    if checkpoint is None:
+        return None
+    state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+    target = trainer.args.max_steps if trainer.args.max_steps > 0 else state.max_steps
+    return state.global_step if target and state.global_step >= target else None
+
+
+def train_guarded(trainer, stopper: StopOnSignal, resume: str | None = None, log=print):
+    """``trainer.train()`` with signal handling; a stop by signal before the last step becomes QftInterrupted.
+
+    Resuming from a checkpoint that already holds every step (a finished run, asked again) trains nothing: the
+    Trainer would take one more step past ``max_steps`` before it looks. Its weights and state are loaded instead.
+    """
+    done = finished_steps(trainer, resume)
+    if done is not None:
+        log(f"{Path(resume).name} already holds all {done} steps of this run: nothing left to train, its weights "
+            "are the result")
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / TRAINER_STATE_NAME))
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        return TrainOutput(done, sum(losses) / len(losses) if losses else float("nan"), {})
     try:
         with stopper:
             out = trainer.train(resume_from_checkpoint=resume)

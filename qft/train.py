@@ -304,7 +304,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
         del trainer.model._is_accelerate_prepared
     if resume and is_weightless(resume):  # a ZO run's checkpoint kept without its weights: replay them
         rebuild_checkpoint_weights(trainer, resume, log)
-    train_out = train_guarded(trainer, stopper, resume)
+    train_out = train_guarded(trainer, stopper, resume, log)
     _, after = measure()
     log(f"{metric_name} after training:  {after:.4f}")
 

@@ -150,3 +150,32 @@ def test_a_doubled_sigterm_is_one_request_a_later_signal_stops_at_once(monkeypat
     clock[0] += 5
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGTERM, None)  # the same signal seconds later: a second request
+
+
+@pytest.mark.parametrize("method,weightless", [("mezo", True), ("spiel", False)])
+def test_resuming_a_finished_run_trains_nothing(tiny_model_dir, jsonl, tmp_path, method, weightless):
+    """`--resume auto` on a run whose newest checkpoint holds every step (asked again, as the GPU runner does) takes
+    no step past --max-steps (the Trainer alone would take one and save checkpoint-5), and its result is the run's
+    own: also from a ZO checkpoint kept without weights, rebuilt by replay first."""
+    import shutil
+
+    from qft.train import FinetuneConfig, finetune
+
+    cfg = dict(model=str(tiny_model_dir), data=str(jsonl("text")), method=method, max_steps=4, save_steps=2,
+               batch_size=4, learning_rate=1e-3, output=str(tmp_path / "run"))
+    first = finetune(FinetuneConfig(**cfg), log=lambda m: None, progress=False)
+    weights = "model.safetensors" if method == "mezo" else "adapter_model.safetensors"
+    final = load_file(first.output / weights)
+    last = first.output / "checkpoints" / "checkpoint-4"
+    if weightless:
+        for f in last.iterdir():
+            if f.name not in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+                f.unlink() if f.is_file() else shutil.rmtree(f)
+    logs = []
+    again = finetune(FinetuneConfig(resume="auto", overwrite=True, **cfg), log=logs.append, progress=False)
+    assert any("checkpoint-4 already holds all 4 steps of this run: nothing left to train" in m for m in logs), logs
+    assert sorted(p.name for p in (first.output / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2",
+                                                                                           "checkpoint-4"]
+    assert again.stats["steps"] == 4 and again.metric_after == pytest.approx(first.metric_after)
+    b = load_file(again.output / weights)
+    assert final.keys() == b.keys() and all(torch.equal(final[k], b[k]) for k in final)
