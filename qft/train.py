@@ -78,6 +78,10 @@ class FinetuneConfig:
     zo_paired: bool = field(default=False, metadata={
         "help": "MeZO: both perturbed forwards as one forward of the batch twice (half the per-step Python and "
                 "kernel launches, which bound a small model's step on a GPU; more activation memory)."})
+    zo_adapter: str | None = field(default=None, metadata={
+        "help": "MeZO over an adapter instead of every weight: 'lora' (LoRA on the float base), 'qlora' (LoRA on "
+                "an NF4 base: ZO at 4-bit inference memory), 'peqa' (the quantization scales) or 'spiel' (sparse "
+                "deltas on their first selection: no gradients to regrow from). That method's options apply."})
     zo_objective: str = field(default="loss", metadata={
         "help": "MeZO: what the two forwards measure: 'loss' (the LM loss on the completions) or 'label-words' "
                 "(cross-entropy over the data's label words, MeZO's prompt-based classification objective)."})
@@ -137,6 +141,14 @@ class FinetuneConfig:
         if self.zo_paired and self.method not in ("mezo", "sparse-mezo"):
             raise QftError(f"--zo-paired applies to mezo and sparse-mezo, not {self.method}",
                            "leave --zo-paired out, or pass --method mezo")
+        if self.zo_adapter is not None:
+            from qft.adapters.mezo import ZO_ADAPTERS
+
+            if self.method != "mezo":
+                raise QftError(f"--zo-adapter applies to mezo, not {self.method}",
+                               "leave --zo-adapter out, or pass --method mezo")
+            if self.zo_adapter not in ZO_ADAPTERS:
+                raise QftError(f"unknown --zo-adapter {self.zo_adapter!r}", f"pass one of {', '.join(ZO_ADAPTERS)}")
         if self.zo_objective not in ("loss", "label-words"):
             raise QftError(f"unknown --zo-objective {self.zo_objective!r}", "pass loss or label-words")
         if self.zo_objective != "loss" and self.method not in ("mezo", "sparse-mezo"):
