@@ -27,6 +27,22 @@ def test_suite_runs_every_path_and_pairs_ratios(suite, pairs, tmp_path, monkeypa
         assert res["qft-spiel-bf16"]["trainable_params"] == res["stock-lora-bf16"]["trainable_params"]
 
 
+def test_mezo_over_qlora_runs_on_the_nf4_base(tmp_path, monkeypatch):
+    """The 4-bit ZO paths: two forwards of the NF4 model, and MeZO over LoRA on it, measured against the former."""
+    monkeypatch.setenv("QFT_BENCH_DIR", str(tmp_path))
+    r = run_suite("mezo", shape="tiny", batch=2, seq=32, steps=2, warmup=1, rank=4, gradient_checkpointing=False,
+                  out=None, log=lambda m: None, paths=["inference-nf4", "qft-mezo-qlora"])
+    for path, row in r["results"].items():
+        assert "error" not in row, (path, row)
+        assert row["peak_gib"] > 0 and row["step_ms"] > 0 and row["weights_4bit"] > 0  # every linear layer in NF4
+    c = r["shape_config"]  # LoRA r4's factors only: r·(in + out) for q, k, v, o, gate, up, down of each layer
+    h, i, kv = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"] * c[
+        "num_key_value_heads"]
+    per_layer = 4 * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
+    assert r["results"]["qft-mezo-qlora"]["tuned_params"] == c["num_hidden_layers"] * per_layer
+    assert set(r["ratios"]) == {"qft-mezo-qlora/inference-nf4"}
+
+
 def test_unknown_path_is_a_one_line_error(tmp_path, monkeypatch):
     from qft.errors import QftError
 

@@ -5,7 +5,9 @@ reference per-tensor in-place loop: +eps, forward, -2eps, forward, +eps, update;
 ``qft-mezo`` (qft: perturbation inside each decoder layer's forward, fused Triton kernels), ``qft-mezo-rademacher``
 and ``qft-mezo-rank1`` (the same with ±1 or rank-one directions), ``qft-mezo-rank1-paired`` (rank1 with both forwards as
 one forward of the batch twice, ``--zo-paired``), ``qft-sparse-mezo`` (qft
-Sparse-MeZO at density 0.2 over every linear layer: the perturbed values are the selected entries' deltas).
+Sparse-MeZO at density 0.2 over every linear layer: the perturbed values are the selected entries' deltas),
+``inference-nf4`` and ``qft-mezo-qlora`` (two forwards of the NF4 model, and MeZO over LoRA on it: ZO at 4-bit
+inference memory, ``--zo-adapter qlora``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main() -> None:
     ap.add_argument("--result", required=True)
     for name in ("batch", "seq", "steps", "warmup"):
         ap.add_argument(f"--{name}", type=int, required=True)
+    ap.add_argument("--rank", type=int, default=16)
     a = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -32,8 +35,13 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if cuda else torch.float32).to(device)
-    step, model = build_step(a.path, model, a.batch, a.seq)
+    if a.path in NF4_PATHS:  # as qft finetune --method qlora loads it (double quant, bf16 compute on a GPU)
+        from qft.models import QuantSettings, load_base
+
+        model = load_base(a.model, QuantSettings())
+    else:
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if cuda else torch.float32).to(device)
+    step, model = build_step(a.path, model, a.batch, a.seq, a.rank)
     for _ in range(a.warmup):
         step()
     if cuda:
@@ -45,14 +53,21 @@ def main() -> None:
     if cuda:
         torch.cuda.synchronize()
     ms = 1000 * (time.perf_counter() - t0) / a.steps
+    row = {"peak_gib": round(peak_memory_gib(), 3), "step_ms": round(ms, 2),
+           "tokens_per_s": round(a.batch * a.seq / (ms / 1000), 1),
+           "weights_4bit": sum(type(m).__name__ == "Linear4bit" for m in model.modules())}
+    if a.path.startswith("qft"):  # the tensors ZO tunes (all weights, Sparse-MeZO's deltas, LoRA's factors)
+        row["tuned_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with open(a.result, "w") as f:
-        json.dump({"peak_gib": round(peak_memory_gib(), 3), "step_ms": round(ms, 2),
-                   "tokens_per_s": round(a.batch * a.seq / (ms / 1000), 1)}, f)
+        json.dump(row, f)
 
 
-def build_step(path: str, model, batch: int, seq: int):
+NF4_PATHS = ("inference-nf4", "qft-mezo-qlora")
+
+
+def build_step(path: str, model, batch: int, seq: int, rank: int = 16):
     """(step function, model) for one benchmark ``path`` on ``model`` (already on its device), with one random
-    batch of ``batch x seq`` tokens; Sparse-MeZO wraps the model, so use the model returned."""
+    batch of ``batch x seq`` tokens; Sparse-MeZO and LoRA wrap the model, so use the model returned."""
     from qft.zo.optimizer import ZoSGD
     from qft.zo.spsa import apply_update_, perturb_inplace_
     from qft.zo.trainer import lm_loss_halves, zo_projected_grad, zo_projected_grad_paired
@@ -67,6 +82,11 @@ def build_step(path: str, model, batch: int, seq: int):
         from qft import SparseMezoConfig
 
         model = get_peft_model(model, SparseMezoConfig(density=0.2, target_modules="all-linear"))
+    if path == "qft-mezo-qlora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]  # all weights; Sparse-MeZO: its deltas
     loss_fn = lambda: model(input_ids=ids, labels=ids, use_cache=False).loss  # noqa: E731
     dist = {"qft-mezo-rademacher": "rademacher", "qft-mezo-rank1": "rank1",
@@ -103,7 +123,8 @@ def build_step(path: str, model, batch: int, seq: int):
         opt.record(seed, g.item())
         opt.step()
 
-    steps = {"inference": step_inference, "mezo-plain": step_plain, "qft-mezo-rank1-paired": step_paired}
+    steps = {"inference": step_inference, "inference-nf4": step_inference, "mezo-plain": step_plain,
+             "qft-mezo-rank1-paired": step_paired}
     return steps.get(path, step_qft), model
 
 
