@@ -26,7 +26,11 @@ LIMIT=${LIMIT:-470}
 ZSTEPS=${ZSTEPS:-20000}
 SST2_GPU=${SST2_GPU:-0}
 BENCH_GPU=${BENCH_GPU:-0}
+# PYTHONFAULTHANDLER: a crash (segfault, abort) leaves its traceback in the job's log. In sessions 5-7 a MeZO process
+# now and then ended at the time limit's SIGTERM without saving or printing anything (Sparse-MeZO ones never did);
+# each job's exit status now goes into main.log too
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 QFT_CACHE=/tmp/qftcache HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
+export PYTHONFAULTHANDLER=1
 G=/tmp/qftcache/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p /tmp/qftcache/gguf /tmp/res /tmp/work
 if [ -n "$RESTORE" ]; then  # an extracted sst2-runs.tgz of an earlier machine: its ZO runs continue from there
@@ -44,7 +48,7 @@ opts() { for kv in ${opt//,/ }; do printf -- '--option %s:%s ' "$1" "$kv"; done;
 job() {  # job RUN GPU: start one SST-2 job (NAME, NAME:LR or qst:LR:KEY=VALUE) in the background on GPU GPU
   local job=${1%%:*} lr=${1#*:} opt=""; [ "$lr" = "$1" ] && lr=""
   case $lr in *:*) opt=${lr#*:}; lr=${lr%%:*} ;; esac
-  local name=$job${lr:+-$lr}${opt:+-$opt} R="timeout $((LIMIT - SECONDS)) $P"
+  local name=$job${lr:+-$lr}${opt:+-$opt} R="timeout --preserve-status $((LIMIT - SECONDS)) $P"
   export CUDA_VISIBLE_DEVICES=$2
   case $job in
     qst) $R 300 --methods qst ${lr:+--lr qst=$lr} ${opt:+--option qst:$opt} --out /tmp/res/$name.json \
@@ -59,9 +63,16 @@ job() {  # job RUN GPU: start one SST-2 job (NAME, NAME:LR or qst:LR:KEY=VALUE) 
              > /tmp/res/$name.log 2>&1 & ;;
     optim) QFT_BENCH_DIR=/tmp timeout 400 python3 -m qft.cli bench optim --shape tinyllama-1.1b \
              --out /tmp/res/optim-tinyllama-1.1b.json > /tmp/res/optim-1.1b.log 2>&1 & ;;
+    *) return ;;
   esac
+  PIDS+=("$!:$name")
 }
+PIDS=()
 for run in $RUNS; do job $run $SST2_GPU; done
+for entry in "${PIDS[@]}"; do  # 0: finished, or stopped and saved (its log says which); 143: killed by the SIGTERM
+  # without handling it; 139 or 134: crashed (PYTHONFAULTHANDLER put the traceback in its log)
+  wait "${entry%%:*}"; echo "${entry#*:} exit $? at $SECONDS s" >> /tmp/res/main.log
+done
 if [ -n "$BENCH$RUNS2$GPU_TESTS" ]; then
   (export CUDA_VISIBLE_DEVICES=$BENCH_GPU QFT_BENCH_DIR=/tmp
    [ -n "$GPU_TESTS" ] && timeout 200 python3 -m pytest -q -p no:cacheprovider $GPU_TESTS > /tmp/res/gpu-tests.log 2>&1
