@@ -112,3 +112,18 @@ def test_rank_one_add_kernel_on_the_gpu(shape):
     triton_ops.addr_(ours, a, b, -0.3, beta=0.9)
     exact = 0.9 * out.double() - 0.3 * a.double()[:, None] * b.double()
     assert ((ours.double() - exact).abs() <= 2**-7 * exact.abs() + 1e-6).all()
+
+
+def test_rank_one_add_of_many_matrices_on_the_gpu():
+    """rank1's update in one launch per shape equals one launch per matrix, bit for bit."""
+    torch.manual_seed(0)
+    shapes = [(4096, 1024), (1024, 4096), (4096, 1024), (2048, 2049)]
+    outs = [torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in shapes]
+    a = [torch.randn(s[0], device="cuda", dtype=torch.bfloat16) for s in shapes]
+    b = [torch.randn(s[1], device="cuda", dtype=torch.bfloat16) for s in shapes]
+    alone = [o.clone() for o in outs]
+    for o, x, y, beta in zip(alone, a, b, [1.0, 0.9, 1.0, 0.5]):
+        triton_ops.addr_(o, x, y, -0.3, beta=beta)
+    together = [o.clone() for o in outs]
+    triton_ops.addr_multi_(together, a, b, -0.3, [1.0, 0.9, 1.0, 0.5])
+    assert all(torch.equal(t, o) for t, o in zip(together, alone))

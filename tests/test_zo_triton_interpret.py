@@ -99,6 +99,27 @@ def test_rank_one_add_kernel_is_addr_to_the_dtypes_rounding(ops, dtype):
 
 
 @inside
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_one_add_of_many_matrices_in_one_launch_per_shape_equals_each_alone(ops, dtype):
+    """rank1's update: one launch per shape gives every matrix exactly what its own launch gives (its own factors
+    and decay), with tiles at the edges of odd shapes."""
+    torch.manual_seed(1)
+    shapes = [(3, 5), (33, 700), (3, 5), (17, 257), (33, 700), (1, 1)]
+    outs = [torch.randn(*s).to(dtype) for s in shapes]
+    a = [torch.randn(s[0]).to(dtype) for s in shapes]
+    b = [torch.randn(s[1]).to(dtype) for s in shapes]
+    betas = [1.0, 0.99, 0.5, 1.0, 0.999, 2.0]
+    alone = [o.clone() for o in outs]
+    for o, x, y, beta in zip(alone, a, b, betas):
+        ops.addr_(o, x, y, -0.3, beta=beta)
+    together = [o.clone() for o in outs]
+    ops.addr_multi_(together, a, b, -0.3, betas)
+    assert all(torch.equal(t, o) for t, o in zip(together, alone))
+    with pytest.raises(ValueError, match="contiguous factors in their matrix's dtype"):
+        ops.addr_multi_(together[:1], [a[0].double()], b[:1], 1.0, [1.0])
+
+
+@inside
 def test_rank1_factors_of_many_matrices_in_one_launch_equal_each_drawn_alone(ops):
     """On a GPU every matrix's u, v of a step come from one launch; they are the kernel's normals for the matrix's
     seed, whatever else shares the launch, and their cast to bf16 in one op is each one's own cast."""

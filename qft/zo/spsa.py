@@ -386,12 +386,20 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
     with torch.no_grad():
         keep = 1.0 - lr * weight_decay if weight_decay and decay_mask is not None else 1.0
         ranked = [i for i, p in enumerate(params) if _rank1(p, dist) and mask_fn is None]
-        for j, (seed, g) in enumerate(seeds_and_grads):  # one addr_ per matrix and direction, the decay folded
-            factors = _rank1_factors(params, ranked, seed)  # into the first (masked: the torch path); the factors
-            for i in ranked:  # of all matrices at once, those its forwards drew
-                u, v = factors[id(params[i])][params[i].dtype]
-                k = keep if j == 0 and decay_mask is not None and decay_mask[i] else 1.0
-                lowrank.addr_(params[i], u, v, -lr * g, k)
+        # one rank-one add per matrix and direction, the decay folded into the first (masked: the torch path);
+        # the factors of all matrices at once, those the step's forwards drew; the matrices the Triton kernel
+        # takes, in one launch per shape (226 launches a step at the Llama-3-8B shape became five)
+        big = [i for i in ranked if triton_ops.addr_usable(params[i])]
+        small = [i for i in ranked if not triton_ops.addr_usable(params[i])]
+        for j, (seed, g) in enumerate(seeds_and_grads):
+            factors = _rank1_factors(params, ranked, seed)
+            uvs = {i: factors[id(params[i])][params[i].dtype] for i in ranked}
+            ks = {i: keep if j == 0 and decay_mask is not None and decay_mask[i] else 1.0 for i in ranked}
+            if big:
+                triton_ops.addr_multi_([params[i] for i in big], [uvs[i][0] for i in big], [uvs[i][1] for i in big],
+                                       -lr * g, [ks[i] for i in big])
+            for i in small:
+                lowrank.addr_(params[i], uvs[i][0], uvs[i][1], -lr * g, ks[i])
         if not seeds_and_grads and keep != 1.0:  # keep != 1 only with a decay mask
             for i in ranked:
                 if decay_mask[i]:

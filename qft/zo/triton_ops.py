@@ -104,8 +104,9 @@ if triton is not None:
 
 
     @triton.jit
-    def _addr_kernel(out, a, b, m, n, beta, alpha, BM: tl.constexpr, BN: tl.constexpr):
-        """out[i, j] = beta·out[i, j] + alpha·a[i]·b[j] over one BM x BN tile (float32 arithmetic)."""
+    def _addr_tile(out, a, b, m, n, beta, alpha, BM: tl.constexpr, BN: tl.constexpr):
+        """out[i, j] = beta·out[i, j] + alpha·a[i]·b[j] over tile (program_id(0), program_id(1)) of BM x BN
+        (float32 arithmetic)."""
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         av = tl.load(a + rm, mask=rm < m, other=0.0).to(tl.float32)
@@ -114,6 +115,21 @@ if triton is not None:
         inside = (rm[:, None] < m) & (rn[None, :] < n)
         x = tl.load(out + offs, mask=inside, other=0.0).to(tl.float32)
         tl.store(out + offs, (beta * x + alpha * av[:, None] * bv[None, :]).to(out.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _addr_kernel(out, a, b, m, n, beta, alpha, BM: tl.constexpr, BN: tl.constexpr):
+        _addr_tile(out, a, b, m, n, beta, alpha, BM, BN)
+
+    @triton.jit
+    def _addr_multi_kernel(table, n_mats, m, n, alpha, DTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """:func:`_addr_tile` of matrix program_id(2) of many of one shape: its out, a, b pointers and its beta
+        (float bits) from ``table``."""
+        t = tl.program_id(2)
+        out = tl.load(table + t).to(tl.pointer_type(DTYPE))
+        a = tl.load(table + n_mats + t).to(tl.pointer_type(DTYPE))
+        b = tl.load(table + 2 * n_mats + t).to(tl.pointer_type(DTYPE))
+        beta = tl.load(table + 3 * n_mats + t).to(tl.int32).to(tl.float32, bitcast=True)
+        _addr_tile(out, a, b, m, n, beta, alpha, BM, BN)
 
 _BLOCK_MAPS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -134,6 +150,14 @@ def _block_map(numels: tuple[int, ...], device: torch.device):
     return hit
 
 
+def _device_table(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 ``values`` on ``device`` for a kernel to read (pointers, seeds, flags)."""
+    table = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":  # a copy from pageable memory first waits for the stream to drain: the CPU could
+        table = table.pin_memory()  # not run ahead of the GPU, which bounds a small model's step
+    return table.to(device, non_blocking=True)
+
+
 def _launch(srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor], seeds: Sequence[int], scale: float,
             keep: float = 1.0, decay: Sequence[bool] | None = None, dist: str = "gaussian") -> None:
     """One launch over tensors of one dtype and device: ``dsts[t] = srcs[t]·keep_t + scale·z(seeds[t])``."""
@@ -145,16 +169,16 @@ def _launch(srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor], seeds: S
     device, dtype = srcs[0].device, srcs[0].dtype
     n = len(srcs)
     flags = [1 if d else 0 for d in decay] if decay is not None else [0] * n
-    table = torch.tensor([s.data_ptr() for s in srcs] + [d.data_ptr() for d in dsts]
-                         + [_seed32(s) for s in seeds] + flags, dtype=torch.int64)
-    if device.type == "cuda":  # a copy from pageable memory first waits for the stream to drain: the CPU could
-        table = table.pin_memory()  # not run ahead of the GPU, which bounds a small model's step
-    table = table.to(device, non_blocking=True)
+    table = _device_table([s.data_ptr() for s in srcs] + [d.data_ptr() for d in dsts]
+                          + [_seed32(s) for s in seeds] + flags, device)
     sizes, tensor_of, start = _block_map(numels, device)
-    dt = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    dt = _TL[dtype]
     with _on(device):  # the launch goes to the current device: make it the tensors' one (layers spread over GPUs)
         _axpby_randn_multi[(tensor_of.numel(),)](table, n, sizes, tensor_of, start, float(keep), float(scale),
                                                  DTYPE=dt, Q=QUARTER, RADEMACHER=dist == "rademacher")
+
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if triton else {}
 
 
 def _on(device: torch.device):
@@ -231,6 +255,27 @@ def addr_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, bet
     with _on(out.device):
         _addr_kernel[grid](out, a.contiguous(), b.contiguous(), m, n, float(beta), float(alpha),
                            BM=ADDR_BM, BN=ADDR_BN)
+
+
+def addr_multi_(outs: Sequence[torch.Tensor], a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], alpha: float,
+                betas: Sequence[float]) -> None:
+    """:func:`addr_` of many matrices, ``outs[t] ← betas[t]·outs[t] + alpha·a[t] ⊗ b[t]``: one launch per shape,
+    dtype and device instead of one per matrix (rank1's update: a Llama-3-8B step updates 226 matrices of five
+    shapes). Each matrix gets exactly what :func:`addr_` would give it; ``a``, ``b`` must be contiguous and of
+    their matrix's dtype."""
+    groups: dict[tuple, list[int]] = {}
+    for i, o in enumerate(outs):
+        groups.setdefault((o.device, o.dtype, tuple(o.shape)), []).append(i)
+    for (device, dtype, (m, n)), idx in groups.items():
+        if any(a[i].dtype != dtype or b[i].dtype != dtype or not a[i].is_contiguous() or not b[i].is_contiguous()
+               for i in idx):
+            raise ValueError("addr_multi_ needs contiguous factors in their matrix's dtype")
+        bits = torch.tensor([float(betas[i]) for i in idx], dtype=torch.float32).view(torch.int32).tolist()
+        table = _device_table([outs[i].data_ptr() for i in idx] + [a[i].data_ptr() for i in idx]
+                              + [b[i].data_ptr() for i in idx] + bits, device)
+        grid = (triton.cdiv(m, ADDR_BM), triton.cdiv(n, ADDR_BN), len(idx))
+        with _on(device):
+            _addr_multi_kernel[grid](table, len(idx), m, n, float(alpha), DTYPE=_TL[dtype], BM=ADDR_BM, BN=ADDR_BN)
 
 
 def addr_usable(out: torch.Tensor) -> bool:
