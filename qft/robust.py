@@ -235,15 +235,15 @@ def train_guarded(trainer, stopper: StopOnSignal, resume: str | None = None, log
     Resuming from a checkpoint that already holds every step (a finished run, asked again) trains nothing: the
     Trainer would take one more step past ``max_steps`` before it looks. Its weights and state are loaded instead.
     """
-    done = finished_steps(trainer, resume)
-    if done is not None:
-        log(f"{Path(resume).name} already holds all {done} steps of this run: nothing left to train, its weights "
-            "are the result")
-        trainer._load_from_checkpoint(resume)
-        trainer.state = TrainerState.load_from_json(str(Path(resume) / TRAINER_STATE_NAME))
-        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        return TrainOutput(done, sum(losses) / len(losses) if losses else float("nan"), {})
     try:
+        done = finished_steps(trainer, resume)
+        if done is not None:
+            log(f"{Path(resume).name} already holds all {done} steps of this run: nothing left to train, its "
+                "weights are the result")
+            trainer._load_from_checkpoint(resume)
+            trainer.state = TrainerState.load_from_json(str(Path(resume) / TRAINER_STATE_NAME))
+            losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+            return TrainOutput(done, sum(losses) / len(losses) if losses else float("nan"), {})
         with stopper:
             out = trainer.train(resume_from_checkpoint=resume)
     except (RuntimeError, ValueError) as exc:

@@ -40,8 +40,8 @@ def run_worker(config: dict, dump: Path) -> None:
 
     train_guarded = qft.robust.train_guarded
 
-    def train_and_dump(trainer, stopper, resume=None):
-        out = train_guarded(trainer, stopper, resume)
+    def train_and_dump(trainer, stopper, *args, **kwargs):
+        out = train_guarded(trainer, stopper, *args, **kwargs)
         _dump_rank(trainer, dump)
         return out
 
