@@ -39,7 +39,7 @@ METHODS = (
                "float or NF4 base (--quantize-base); GPU quality run pending after the 8-bit Adam remap fix"),
     MethodInfo("mezo", "zeroth-order SGD from forward passes only, at inference memory",
                "Malladi et al., 2023, arXiv:2305.17333", True,
-               "full model in float32; ZO over any adapter from Python"),
+               "all weights in float32, or an adapter: --zo-adapter lora|qlora|peqa|spiel"),
     MethodInfo("sparse-mezo", "MeZO restricted to small-magnitude weights chosen per layer",
                "Liu et al., 2024, arXiv:2402.15751", True, "a PEFT method; saves a sparse adapter"),
 )
