@@ -14,8 +14,10 @@
 # The ZO jobs keep checkpoints in /tmp/work: the same command again, while the machine is still warm, continues
 # them from where the time limit stopped them (the curve so far is read back from /tmp/res).
 # The machine stays warm only 30 s after a call: send the continuing call at once (in session 6 a later one found a
-# fresh machine and every checkpoint was gone). Five processes ran about 5-7 steps/s each on the H200.
-# RESTORE=DIR (an extracted sst2-runs.tgz, carried) continues its ZO runs on a fresh machine: each run's newest
+# fresh machine and every checkpoint was gone). Five processes ran about 5-7 steps/s each on the H200; in
+# session 7, four with zo_paired=true: MeZO about 9 steps/s, Sparse-MeZO about 5.
+# RESTORE=DIR (an extracted sst2-runs.tgz, carried, or one committed: benchmarks/results/session7/sst2) continues
+# its ZO runs on a fresh machine: each run's newest
 # checkpoint is kept in the results without its weights (light/), and `--resume auto` rebuilds them by replaying
 # the run's seeds and projected gradients (bit-exact on the same kind of GPU).
 # LIMIT counts from the script's start (the model conversion included): keep it 30 s under the call's limit.
