@@ -17,9 +17,9 @@
 # fresh machine and every checkpoint was gone). Five processes ran about 5-7 steps/s each on the H200; in
 # session 7, four with zo_paired=true: MeZO about 9 steps/s, Sparse-MeZO about 5.
 # RESTORE=DIR (an extracted sst2-runs.tgz, carried, or one committed: benchmarks/results/session7/sst2) continues
-# its ZO runs on a fresh machine: each run's newest
-# checkpoint is kept in the results without its weights (light/), and `--resume auto` rebuilds them by replaying
-# the run's seeds and projected gradients (bit-exact on the same kind of GPU).
+# its ZO runs on a fresh machine: each run's newest checkpoint is kept in the results without its weights (light/),
+# and `--resume auto` rebuilds them by replaying the run's seeds and projected gradients (bit-exact on the same
+# kind of GPU).
 # LIMIT counts from the script's start (the model conversion included): keep it 30 s under the call's limit.
 # Results (JSON + logs) end up in $OUT/sst2-runs.tgz. Each process gets 2 CPU threads: nine processes with
 # torch's default (all cores each) starved one another on the first try.

@@ -219,14 +219,14 @@ def resolve_resume(spec: str | None, checkpoints: Path, allow_pickle: bool = Fal
     return str(path)
 
 
-def finished_steps(trainer, checkpoint: str | None) -> int | None:
-    """The step count of ``checkpoint`` when it already holds every step of the run ``trainer`` would train (its
-    ``--max-steps``, or the count the checkpoint's run planned), else None."""
+def finished_state(trainer, checkpoint: str | None) -> TrainerState | None:
+    """The trainer state of ``checkpoint`` when it already holds every step of the run ``trainer`` would train
+    (its ``--max-steps``, or the count the checkpoint's run planned), else None."""
     if checkpoint is None:
         return None
     state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
     target = trainer.args.max_steps if trainer.args.max_steps > 0 else state.max_steps
-    return state.global_step if target and state.global_step >= target else None
+    return state if target and state.global_step >= target else None
 
 
 def train_guarded(trainer, stopper: StopOnSignal, resume: str | None = None, log=print):
@@ -236,14 +236,14 @@ def train_guarded(trainer, stopper: StopOnSignal, resume: str | None = None, log
     Trainer would take one more step past ``max_steps`` before it looks. Its weights and state are loaded instead.
     """
     try:
-        done = finished_steps(trainer, resume)
+        done = finished_state(trainer, resume)
         if done is not None:
-            log(f"{Path(resume).name} already holds all {done} steps of this run: nothing left to train, its "
-                "weights are the result")
+            log(f"{Path(resume).name} already holds all {done.global_step} steps of this run: nothing left to "
+                "train, its weights are the result")
             trainer._load_from_checkpoint(resume)
-            trainer.state = TrainerState.load_from_json(str(Path(resume) / TRAINER_STATE_NAME))
-            losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-            return TrainOutput(done, sum(losses) / len(losses) if losses else float("nan"), {})
+            trainer.state = done
+            losses = [e["loss"] for e in done.log_history if "loss" in e]
+            return TrainOutput(done.global_step, sum(losses) / len(losses) if losses else float("nan"), {})
         with stopper:
             out = trainer.train(resume_from_checkpoint=resume)
     except (RuntimeError, ValueError) as exc:

@@ -105,10 +105,10 @@ def run_suite(suite: str, *, shape: str, batch: int, seq: int, steps: int, warmu
             optimizers = ",".join(n for n in OPTIMIZERS.split(",") if cuda or not INFO[n].needs_cuda)
             cmd = [sys.executable, "-m", WORKERS[suite], "--model", str(ckpt), "--batch", str(batch),
                    "--seq", str(seq), "--optimizers", optimizers, "--result", result_file]
-        if suite == "mezo":
+        if suite != "optim":  # LoRA's rank: the stock paths, SpIEL's count, MeZO over LoRA
             cmd += ["--rank", str(rank)]
         if WORKERS[suite] == "qft.bench.worker":
-            cmd += ["--suite", suite, "--rank", str(rank), "--optim", optim, "--reselect-every", str(reselect_every)]
+            cmd += ["--suite", suite, "--optim", optim, "--reselect-every", str(reselect_every)]
             if gradient_checkpointing:
                 cmd.append("--gradient-checkpointing")
         t0 = time.time()

@@ -389,8 +389,9 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
         # one rank-one add per matrix and direction, the decay folded into the first (masked: the torch path);
         # the factors of all matrices at once, those the step's forwards drew; the matrices the Triton kernel
         # takes, in one launch per shape (226 launches a step at the Llama-3-8B shape became five)
-        big = [i for i in ranked if triton_ops.addr_usable(params[i])]
-        small = [i for i in ranked if not triton_ops.addr_usable(params[i])]
+        big, small = [], []
+        for i in ranked:
+            (big if triton_ops.addr_usable(params[i]) else small).append(i)
         for j, (seed, g) in enumerate(seeds_and_grads):
             factors = _rank1_factors(params, ranked, seed)
             uvs = {i: factors[id(params[i])][params[i].dtype] for i in ranked}
