@@ -1,0 +1,182 @@
+"""QST side networks fitted on cached frozen states: SST-2 design search on the CPU (issue 4).
+
+QST's LLM is frozen and runs without autograd, so its hidden states for a fixed set of prompts never change
+during training. This script computes them once (the NF4 model, as ``qft finetune --method qst`` loads it) for
+the ../shared/DATA.md split (1,000 training sentences, of which ``qft finetune`` holds 50 out, and the 872 dev
+sentences), then trains qft's own ``SideNetwork`` on them: the label word's cross-entropy over the whole
+vocabulary at the last prompt position, through the LLM's frozen LM head, AdamW, cosine schedule with 5%
+warm-up, batch 16, as ``qft finetune`` trains. A 300-step run takes seconds instead of minutes, so designs
+can be compared over several seeds (one dev run has a noise of about +-1.3 points). The real pipeline
+(``python -m qft.bench.sst2 --methods qst``) confirms the winners.
+
+Not the same as the real pipeline in two ways: the loss leaves out the end-of-sequence token that follows the
+label word, and the states come from the CPU's float32 compute rather than the GPU's bf16.
+
+    python benchmarks/qst_explore.py --runs "lr=1e-3 lr=3e-3,input_norm=true" --seeds 3 --out OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import qft  # noqa: F401  (registers QST with peft)
+from qft.adapters.qst import QstConfig, SideNetwork
+from qft.bench.sst2 import LABEL_WORDS, _read
+from qft.data import PROMPT
+
+
+def split(data_dir: Path, seed: int = 42) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """The sentences ``python -m qft.bench.sst2`` trains on (its 1,000, less the 50 ``qft finetune`` holds
+    out) and the 872 dev sentences, as (prompt, label)."""
+    import datasets
+
+    train = _read(data_dir / "train.jsonl")
+    random.Random(0).shuffle(train)
+    rows = [{"prompt": PROMPT.format(sentence=r["sentence"]), "label": int(r["label"])} for r in train[:1000]]
+    kept = datasets.Dataset.from_list(rows).train_test_split(test_size=50, seed=seed)["train"]
+    dev = [(PROMPT.format(sentence=r["sentence"]), int(r["label"])) for r in _read(data_dir / "dev.jsonl")]
+    return [(r["prompt"], r["label"]) for r in kept], dev
+
+
+@torch.no_grad()
+def cache_states(model, tok, examples, batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per example: (hidden states (layers + 1, tokens, hidden) in bf16, the final state at the last token)."""
+    out = []
+    decoder = model.get_decoder()
+    for i in range(0, len(examples), batch):
+        chunk = [p for p, _ in examples[i:i + batch]]
+        enc = tok(chunk, return_tensors="pt", padding=True)
+        res = decoder(**enc, output_hidden_states=True, use_cache=False)
+        states = torch.stack(res.hidden_states, 1)  # (b, layers + 1, t, hidden), right padded
+        for j, n in enumerate(enc["attention_mask"].sum(1).tolist()):
+            out.append((states[j, :, :n].to(torch.bfloat16).clone(), res.last_hidden_state[j, n - 1].float().clone()))
+        print(f"  cached {len(out)}/{len(examples)}", flush=True)
+    return out
+
+
+def batch_of(items, device="cpu"):
+    """Left-pad a list of cached examples: (hidden states tuple, final (b, 1, hidden), mask (b, t))."""
+    t = max(s.shape[1] for s, _ in items)
+    layers, hidden = items[0][0].shape[0], items[0][0].shape[2]
+    states = torch.zeros(len(items), layers, t, hidden)
+    mask = torch.zeros(len(items), t, dtype=torch.long)
+    for j, (s, _) in enumerate(items):
+        states[j, :, t - s.shape[1]:] = s.float()
+        mask[j, t - s.shape[1]:] = 1
+    final = torch.zeros(len(items), t, hidden)
+    final[:, -1] = torch.stack([f for _, f in items])
+    return tuple(states.unbind(1)), final, mask
+
+
+def train_side(cache_train, y_train, cache_dev, y_dev, head: torch.Tensor, label_ids, options: dict, seed: int,
+               steps: int = 300, batch: int = 16, log_every: int = 0) -> dict:
+    """Train one side network on cached states; dev accuracy (%) at the end (and every ``log_every`` steps)."""
+    opts = dict(options)
+    lr = float(opts.pop("lr", 1e-3))
+    wd = float(opts.pop("weight_decay", 0.0))
+    steps = int(opts.pop("steps", steps))
+    torch.manual_seed(seed)
+    cfg = QstConfig(**opts)
+    hidden = head.shape[1]
+    net = SideNetwork(hidden, hidden, len(cache_train[0][0]) - 1, cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
+    warm = math.ceil(0.05 * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: s / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    rng = random.Random(seed)
+    order: list[int] = []
+    curve, losses = [], []
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        if len(order) < batch:
+            perm = list(range(len(cache_train)))
+            rng.shuffle(perm)
+            order += perm
+        idx, order = order[:batch], order[batch:]
+        hs, final, mask = batch_of([cache_train[i] for i in idx])
+        net.train()
+        out = net(hs, final, mask)[:, -1]
+        loss = F.cross_entropy(out @ head.T, label_ids[torch.tensor([y_train[i] for i in idx])])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if log_every and step % log_every == 0 and step < steps:
+            curve.append((step, evaluate(net, cache_dev, y_dev, head, label_ids)))
+    acc = evaluate(net, cache_dev, y_dev, head, label_ids)
+    curve.append((steps, acc))
+    return {"accuracy": acc, "curve": curve, "train_loss_last50": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+            "beta": round(float(net.beta) * net.output_gate_scale, 3), "params": sum(p.numel() for p in net.parameters()),
+            "seconds": round(time.time() - t0, 1)}
+
+
+@torch.no_grad()
+def evaluate(net, cache, labels, head, label_ids, batch: int = 64) -> float:
+    net.eval()
+    correct = 0
+    for i in range(0, len(cache), batch):
+        hs, final, mask = batch_of(cache[i:i + batch])
+        logits = net(hs, final, mask)[:, -1] @ head[label_ids].T
+        correct += int((logits.argmax(-1) == torch.tensor(labels[i:i + batch])).sum())
+    return round(100 * correct / len(cache), 1)
+
+
+def parse_run(spec: str) -> dict:
+    from qft.bench.sst2 import _scalar
+
+    return {k: _scalar(v) for k, v in (kv.split("=", 1) for kv in spec.split(",") if kv)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(Path.home() / ".cache/qft/models/SmolLM2-135M-Instruct"))
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/sst2")
+    ap.add_argument("--runs", required=True, help="space-separated runs, each KEY=VALUE,... (QstConfig fields, lr, "
+                                                  "weight_decay, steps)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--log-every", type=int, default=0)
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/qft-qst-states.pt"))
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    from qft.io import write_json_atomic
+    from qft.models import QuantSettings, load_base, load_tokenizer
+
+    tok = load_tokenizer(a.model)
+    train, dev = split(a.data)
+    if a.cache.exists():
+        cached = torch.load(a.cache)
+    else:
+        model = load_base(a.model, QuantSettings())
+        model.eval()
+        tok.padding_side = "right"
+        cached = {"train": cache_states(model, tok, train), "dev": cache_states(model, tok, dev),
+                  "head": model.get_output_embeddings().weight.detach().float().clone()}
+        torch.save(cached, a.cache)
+    label_ids = torch.tensor([tok(w, add_special_tokens=False)["input_ids"][0] for w in LABEL_WORDS])
+    results = json.loads(a.out.read_text()) if a.out.exists() else {"note": __doc__.split("\n\n")[0], "runs": {}}
+    for spec in a.runs.split():
+        accs = []
+        for seed in range(a.seeds):
+            r = train_side(cached["train"], [y for _, y in train], cached["dev"], [y for _, y in dev], cached["head"],
+                           label_ids, parse_run(spec), seed, a.steps, log_every=a.log_every)
+            accs.append(r["accuracy"])
+            results["runs"].setdefault(spec, {"seeds": []})["seeds"].append(r)
+            print(spec, seed, r, flush=True)
+        results["runs"][spec]["mean"] = round(sum(accs) / len(accs), 2)
+        print(f"== {spec}: mean {results['runs'][spec]['mean']} {accs}", flush=True)
+        write_json_atomic(a.out, results)
+
+
+if __name__ == "__main__":
+    main()
