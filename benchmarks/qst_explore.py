@@ -110,7 +110,7 @@ def train_side(cache_train, y_train, cache_dev, y_dev, head: torch.Tensor, label
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log_every and step % log_every == 0 and step < steps:
             curve.append((step, evaluate(net, cache_dev, y_dev, head, label_ids)))
     acc = evaluate(net, cache_dev, y_dev, head, label_ids)

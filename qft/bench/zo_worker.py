@@ -55,7 +55,8 @@ def main() -> None:
     ms = 1000 * (time.perf_counter() - t0) / a.steps
     row = {"peak_gib": round(peak_memory_gib(), 3), "step_ms": round(ms, 2),
            "tokens_per_s": round(a.batch * a.seq / (ms / 1000), 1),
-           "weights_4bit": sum(type(m).__name__ == "Linear4bit" for m in model.modules())}
+           # 4-bit weight tensors, not modules: peft's LoRA wrapper of a bitsandbytes layer is also a "Linear4bit"
+           "weights_4bit": sum(type(p).__name__ == "Params4bit" for p in model.parameters())}
     if a.path.startswith("qft"):  # the tensors ZO tunes (all weights, Sparse-MeZO's deltas, LoRA's factors)
         row["tuned_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with open(a.result, "w") as f:
