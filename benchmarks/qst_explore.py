@@ -33,17 +33,19 @@ from qft.bench.sst2 import LABEL_WORDS, _read
 from qft.data import PROMPT
 
 
-def split(data_dir: Path, seed: int = 42) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+def split(data_dir: Path, seed: int = 42) -> tuple[list, list, list]:
     """The sentences ``python -m qft.bench.sst2`` trains on (its 1,000, less the 50 ``qft finetune`` holds
-    out) and the 872 dev sentences, as (prompt, label)."""
+    out), the 872 dev sentences and the 1,821 test sentences, as (prompt, label). Designs are picked on dev (as
+    every SST-2 figure here is reported); test says how much of a pick's lead is the pick."""
     import datasets
 
     train = _read(data_dir / "train.jsonl")
     random.Random(0).shuffle(train)
     rows = [{"prompt": PROMPT.format(sentence=r["sentence"]), "label": int(r["label"])} for r in train[:1000]]
     kept = datasets.Dataset.from_list(rows).train_test_split(test_size=50, seed=seed)["train"]
-    dev = [(PROMPT.format(sentence=r["sentence"]), int(r["label"])) for r in _read(data_dir / "dev.jsonl")]
-    return [(r["prompt"], r["label"]) for r in kept], dev
+    dev, test = ([(PROMPT.format(sentence=r["sentence"]), int(r["label"])) for r in _read(data_dir / f"{name}.jsonl")]
+                 for name in ("dev", "test"))
+    return [(r["prompt"], r["label"]) for r in kept], dev, test
 
 
 @torch.no_grad()
@@ -53,7 +55,7 @@ def cache_states(model, tok, examples, batch: int = 32) -> list[tuple[torch.Tens
     decoder = model.get_decoder()
     for i in range(0, len(examples), batch):
         chunk = [p for p, _ in examples[i:i + batch]]
-        enc = tok(chunk, return_tensors="pt", padding=True)
+        enc = tok(chunk, return_tensors="pt", padding=True).to(model.device)
         res = decoder(**enc, output_hidden_states=True, use_cache=False)
         states = torch.stack(res.hidden_states, 1)  # (b, layers + 1, t, hidden), right padded
         for j, n in enumerate(enc["attention_mask"].sum(1).tolist()):
@@ -62,22 +64,22 @@ def cache_states(model, tok, examples, batch: int = 32) -> list[tuple[torch.Tens
     return out
 
 
-def batch_of(items, device="cpu"):
-    """Left-pad a list of cached examples: (hidden states tuple, final (b, 1, hidden), mask (b, t))."""
+def batch_of(items):
+    """Left-pad a list of cached examples (on their device): (hidden states tuple, final (b, t, hidden), mask (b, t))."""
     t = max(s.shape[1] for s, _ in items)
-    layers, hidden = items[0][0].shape[0], items[0][0].shape[2]
-    states = torch.zeros(len(items), layers, t, hidden)
-    mask = torch.zeros(len(items), t, dtype=torch.long)
+    layers, hidden, device = items[0][0].shape[0], items[0][0].shape[2], items[0][0].device
+    states = torch.zeros(len(items), layers, t, hidden, device=device)
+    mask = torch.zeros(len(items), t, dtype=torch.long, device=device)
     for j, (s, _) in enumerate(items):
         states[j, :, t - s.shape[1]:] = s.float()
         mask[j, t - s.shape[1]:] = 1
-    final = torch.zeros(len(items), t, hidden)
+    final = torch.zeros(len(items), t, hidden, device=device)
     final[:, -1] = torch.stack([f for _, f in items])
     return tuple(states.unbind(1)), final, mask
 
 
 def train_side(cache_train, y_train, cache_dev, y_dev, head: torch.Tensor, label_ids, options: dict, seed: int,
-               steps: int = 300, batch: int = 16, log_every: int = 0) -> dict:
+               steps: int = 300, batch: int = 16, log_every: int = 0, test=None) -> dict:
     """Train one side network on cached states; dev accuracy (%) at the end (and every ``log_every`` steps)."""
     opts = dict(options)
     lr = float(opts.pop("lr", 1e-3))
@@ -86,7 +88,7 @@ def train_side(cache_train, y_train, cache_dev, y_dev, head: torch.Tensor, label
     torch.manual_seed(seed)
     cfg = QstConfig(**opts)
     hidden = head.shape[1]
-    net = SideNetwork(hidden, hidden, len(cache_train[0][0]) - 1, cfg)
+    net = SideNetwork(hidden, hidden, len(cache_train[0][0]) - 1, cfg).to(head.device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
     warm = math.ceil(0.05 * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -104,7 +106,7 @@ def train_side(cache_train, y_train, cache_dev, y_dev, head: torch.Tensor, label
         hs, final, mask = batch_of([cache_train[i] for i in idx])
         net.train()
         out = net(hs, final, mask)[:, -1]
-        loss = F.cross_entropy(out @ head.T, label_ids[torch.tensor([y_train[i] for i in idx])])
+        loss = F.cross_entropy(out @ head.T, label_ids[torch.tensor([y_train[i] for i in idx], device=head.device)])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -115,7 +117,8 @@ def train_side(cache_train, y_train, cache_dev, y_dev, head: torch.Tensor, label
             curve.append((step, evaluate(net, cache_dev, y_dev, head, label_ids)))
     acc = evaluate(net, cache_dev, y_dev, head, label_ids)
     curve.append((steps, acc))
-    return {"accuracy": acc, "curve": curve, "train_loss_last50": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+    extra = {"test_accuracy": evaluate(net, test[0], test[1], head, label_ids)} if test else {}
+    return {"accuracy": acc, **extra, "curve": curve, "train_loss_last50": round(sum(losses[-50:]) / len(losses[-50:]), 4),
             "beta": round(float(net.beta) * net.output_gate_scale, 3), "params": sum(p.numel() for p in net.parameters()),
             "seconds": round(time.time() - t0, 1)}
 
@@ -127,7 +130,7 @@ def evaluate(net, cache, labels, head, label_ids, batch: int = 64) -> float:
     for i in range(0, len(cache), batch):
         hs, final, mask = batch_of(cache[i:i + batch])
         logits = net(hs, final, mask)[:, -1] @ head[label_ids].T
-        correct += int((logits.argmax(-1) == torch.tensor(labels[i:i + batch])).sum())
+        correct += int((logits.argmax(-1).cpu() == torch.tensor(labels[i:i + batch])).sum())
     return round(100 * correct / len(cache), 1)
 
 
@@ -137,44 +140,77 @@ def parse_run(spec: str) -> dict:
     return {k: _scalar(v) for k, v in (kv.split("=", 1) for kv in spec.split(",") if kv)}
 
 
+def load_cache(a, tok, splits, device) -> dict:
+    """The frozen states of every split, computed once (by the NF4 model on ``device``) and kept in ``a.cache``."""
+    cached = torch.load(a.cache) if a.cache.exists() else {}
+    missing = [name for name in splits if name not in cached]
+    if missing:
+        from qft.models import QuantSettings, load_base
+
+        model = load_base(a.model, QuantSettings())
+        model.eval()
+        tok.padding_side = "right"
+        cached.update({name: cache_states(model, tok, splits[name]) for name in missing})
+        cached["head"] = model.get_output_embeddings().weight.detach().float().clone()
+        tmp = a.cache.with_suffix(".tmp")
+        torch.save(cached, tmp)
+        tmp.replace(a.cache)
+        del model
+    move = lambda items: [(s.to(device), f.to(device)) for s, f in items]  # noqa: E731
+    return {k: (v.to(device) if k == "head" else move(v)) for k, v in cached.items()}
+
+
+def pick(results: list[dict], top: int) -> list[str]:
+    """The ``top`` run specs with the best mean dev accuracy over their seeds, best first."""
+    runs: dict = {}
+    for r in results:
+        for spec, v in r["runs"].items():
+            runs.setdefault(spec, []).extend(x["accuracy"] for x in v["seeds"])
+    return sorted(runs, key=lambda k: -sum(runs[k]) / len(runs[k]))[:top]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(Path.home() / ".cache/qft/models/SmolLM2-135M-Instruct"))
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/sst2")
-    ap.add_argument("--runs", required=True, help="space-separated runs, each KEY=VALUE,... (QstConfig fields, lr, "
-                                                  "weight_decay, steps)")
+    ap.add_argument("--runs", default="", help="space-separated runs, each KEY=VALUE,... (QstConfig fields, lr, "
+                                               "weight_decay, steps); none: only compute the cache")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--log-every", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/qft-qst-states.pt"))
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--pick", type=int, default=0, metavar="K",
+                    help="print the K best runs of the result files given as --merge (best mean dev accuracy)")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[])
     a = ap.parse_args()
+    if a.pick:
+        print(" ".join(pick([json.loads(f.read_text()) for f in a.merge if f.exists()], a.pick)))
+        return
     from qft.io import write_json_atomic
-    from qft.models import QuantSettings, load_base, load_tokenizer
+    from qft.models import load_tokenizer
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(a.model)
-    train, dev = split(a.data)
-    if a.cache.exists():
-        cached = torch.load(a.cache)
-    else:
-        model = load_base(a.model, QuantSettings())
-        model.eval()
-        tok.padding_side = "right"
-        cached = {"train": cache_states(model, tok, train), "dev": cache_states(model, tok, dev),
-                  "head": model.get_output_embeddings().weight.detach().float().clone()}
-        torch.save(cached, a.cache)
-    label_ids = torch.tensor([tok(w, add_special_tokens=False)["input_ids"][0] for w in LABEL_WORDS])
+    train, dev, test = split(a.data)
+    cached = load_cache(a, tok, {"train": train, "dev": dev, "test": test}, device)
+    label_ids = torch.tensor([tok(w, add_special_tokens=False)["input_ids"][0] for w in LABEL_WORDS], device=device)
+    ys = {name: [y for _, y in rows] for name, rows in (("train", train), ("dev", dev), ("test", test))}
+    if not a.runs:
+        return
     results = json.loads(a.out.read_text()) if a.out.exists() else {"note": __doc__.split("\n\n")[0], "runs": {}}
+    results["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     for spec in a.runs.split():
-        accs = []
         for seed in range(a.seeds):
-            r = train_side(cached["train"], [y for _, y in train], cached["dev"], [y for _, y in dev], cached["head"],
-                           label_ids, parse_run(spec), seed, a.steps, log_every=a.log_every)
-            accs.append(r["accuracy"])
+            r = train_side(cached["train"], ys["train"], cached["dev"], ys["dev"], cached["head"], label_ids,
+                           parse_run(spec), seed, a.steps, log_every=a.log_every, test=(cached["test"], ys["test"]))
             results["runs"].setdefault(spec, {"seeds": []})["seeds"].append(r)
             print(spec, seed, r, flush=True)
-        results["runs"][spec]["mean"] = round(sum(accs) / len(accs), 2)
-        print(f"== {spec}: mean {results['runs'][spec]['mean']} {accs}", flush=True)
+        seeds = results["runs"][spec]["seeds"]
+        for key in ("accuracy", "test_accuracy"):
+            results["runs"][spec][f"mean_{key}"] = round(sum(x[key] for x in seeds) / len(seeds), 2)
+        print(f"== {spec}: dev {results['runs'][spec]['mean_accuracy']} test "
+              f"{results['runs'][spec]['mean_test_accuracy']}", flush=True)
         write_json_atomic(a.out, results)
 
 

@@ -8,9 +8,8 @@
 # SST-2 jobs use GPU SST2_GPU (give both the same number on a one-GPU machine; the speed ratios then suffer);
 # SUITE:PATH,PATH runs only those paths. RUNS2 jobs start on BENCH_GPU once the benchmarks are done.
 # GPU_TESTS="tests/x.py ..." runs those tests on BENCH_GPU first (log: gpu-tests.log).
-# qst|mezo|smezo:LR:KEY=VALUE passes one finetune option to the job (e.g. qst:3e-3:downsample=pool,
-# mezo:2e-5:zo_distribution=rank1); mezo and smezo take several, comma-separated
-# (mezo:1e-5:zo_distribution=rank1,zo_paired=true).
+# qst|mezo|smezo:LR:KEY=VALUE,KEY=VALUE passes finetune options to the job (e.g. qst:3e-3:downsample=pool,seed=1,
+# mezo:1e-5:zo_distribution=rank1,zo_paired=true).
 # The ZO jobs keep checkpoints in /tmp/work: the same command again, while the machine is still warm, continues
 # them from where the time limit stopped them (the curve so far is read back from /tmp/res).
 # The machine stays warm only 30 s after a call: send the continuing call at once (in session 6 a later one found a
@@ -53,7 +52,7 @@ job() {  # job RUN GPU: start one SST-2 job (NAME, NAME:LR or qst:LR:KEY=VALUE) 
   local name=$job${lr:+-$lr}${opt:+-$opt} R="timeout --preserve-status $((LIMIT - SECONDS)) $P"
   export CUDA_VISIBLE_DEVICES=$2
   case $job in
-    qst) $R 300 --methods qst ${lr:+--lr qst=$lr} ${opt:+--option qst:$opt} --out /tmp/res/$name.json \
+    qst) $R 300 --methods qst ${lr:+--lr qst=$lr} $(opts qst) --out /tmp/res/$name.json \
            > /tmp/res/$name.log 2>&1 & ;;
     spiel) $R 300 --methods spiel ${lr:+--lr spiel=$lr} --option spiel:density=lora:8 --out /tmp/res/$name.json \
              > /tmp/res/$name.log 2>&1 & ;;

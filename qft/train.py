@@ -70,6 +70,13 @@ class FinetuneConfig:
         "help": "QST: RMS-normalise each LLM hidden state before its downsample (tames massive activations)."})
     side_uniform_attention: bool = field(default=False, metadata={
         "help": "QST: start the side blocks' attention as a causal mean over positions (zero queries and keys)."})
+    side_readout: str = field(default="token", metadata={
+        "help": "QST: what the side network's upsample reads at each position: token, mean (over the positions "
+                "so far) or token+mean."})
+    side_gate_init: float = field(default=0.0, metadata={
+        "help": "QST: initial logit of the per-layer gates (weight sigmoid(g) on the previous side state; 0: 0.5)."})
+    side_gate_scale: float = field(default=1.0, metadata={
+        "help": "QST: the per-layer gates are stored divided by this, so that Adam moves them this much faster."})
     zo_eps: float = field(default=1e-3, metadata={"help": "MeZO: perturbation scale epsilon."})
     zo_samples: int = field(default=1, metadata={"help": "MeZO: random directions (q) per step."})
     zo_distribution: str = field(default="gaussian", metadata={

@@ -37,6 +37,8 @@ CASES = [
     *(MethodCase(f"qst-{d}", "llama", _float_base, _qst(downsample=d), "qst_") for d in ("pool", "maxpool", "linear")),
     MethodCase("qst-input-norm", "llama", _float_base, _qst(input_norm=True), "qst_"),
     MethodCase("qst-uniform-attention", "llama", _float_base, _qst(uniform_attention=True), "qst_"),
+    *(MethodCase(f"qst-readout-{r}", "llama", _float_base, _qst(readout=r, gate_init=2.0, gate_scale=10.0), "qst_")
+      for r in ("mean", "token+mean")),
 ]
 
 
@@ -139,8 +141,9 @@ def test_adapter_file_holds_only_the_side_network(tmp_path):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "QST"
 
 
-def test_generate_matches_greedy_full_forwards():
-    model = _perturbed().eval()
+@pytest.mark.parametrize("readout", ["token", "mean"])
+def test_generate_matches_greedy_full_forwards(readout):
+    model = _perturbed(readout=readout).eval()
     x = tiny_inputs(model, batch=2, seq=6)
     out = model.generate(**x, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)  # no early EOS
     assert out.shape == (2, 11)
@@ -152,13 +155,31 @@ def test_generate_matches_greedy_full_forwards():
         model.generate(**x, max_new_tokens=3, do_sample=False, pad_token_id=0, use_cache=True)
 
 
-def test_padding_does_not_change_real_positions():
-    model = _perturbed().eval()
+@pytest.mark.parametrize("readout", ["token", "mean", "token+mean"])
+def test_padding_does_not_change_real_positions(readout):
+    model = _perturbed(readout=readout).eval()
     x = tiny_inputs(model, batch=1, seq=8)
     padded = {"input_ids": torch.cat([x["input_ids"], torch.zeros(1, 3, dtype=torch.long)], 1),
               "attention_mask": torch.cat([x["attention_mask"], torch.zeros(1, 3, dtype=torch.long)], 1)}
     # right padding: the real positions see the same keys (measured max diff 0.0; 1e-5 leaves room for kernels)
     torch.testing.assert_close(logits(model, padded)[:, :8], logits(model, x), atol=1e-5, rtol=0)
+    left = {k: torch.cat([torch.zeros(1, 3, dtype=torch.long), v], 1) for k, v in x.items()}
+    left["input_ids"][:, :3] = 5  # left padding, as in batched evaluation: the real positions' outputs stay
+    torch.testing.assert_close(logits(model, left)[:, 3:], logits(model, x), atol=1e-4, rtol=1e-4)
+
+
+def test_mean_readout_is_the_causal_mean_of_the_real_positions():
+    from qft.adapters.qst.layer import read_out
+
+    side = torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    mean = read_out(side, mask, "mean")
+    torch.testing.assert_close(mean[0, 3], side[0, :4].mean(0))
+    torch.testing.assert_close(mean[1, 4], side[1, 2:].mean(0))
+    assert mean[1, :2].abs().max() == 0  # left padding before the first real token
+    both = read_out(side, mask, "token+mean")
+    torch.testing.assert_close(both, torch.cat([side, mean], -1))
+    assert read_out(side, mask, "token") is side
 
 
 def test_disable_and_unload_give_the_base_back():
@@ -187,6 +208,7 @@ def test_unsupported_architectures_get_a_one_line_error():
     ({"r": 0}, "at least 1"), ({"downsample": "conv"}, "unknown QST downsample"), ({"dropout": 1.5}, "dropout"),
     ({"activation": "nope"}, "unknown activation"), ({"task_type": "SEQ_CLS"}, "CAUSAL_LM"),
     ({"num_heads": 3}, "not divisible"), ({"r": 128}, "is 0"), ({"output_gate_scale": 0}, "output_gate_scale"),
+    ({"gate_scale": -1}, "gate_scale"), ({"readout": "max"}, "unknown QST readout"),
 ])
 def test_bad_options(kw, needle):
     with pytest.raises(QftError, match=needle):
@@ -206,6 +228,25 @@ def test_output_gate_is_stored_scaled_down():
         mixed = logits(model, x)
     # the head is linear, so the logits mix like the states: 0.9 base + 0.1 side
     torch.testing.assert_close(mixed, 0.9 * base + 0.1 * side_only, atol=1e-4, rtol=1e-4)
+
+
+def test_layer_gates_start_at_gate_init_and_move_gate_scale_times_faster():
+    """The per-layer gate is sigmoid(stored x gate_scale): it starts at sigmoid(gate_init) whatever the scale, and
+    one Adam step (whose size is about the learning rate) moves its logit gate_scale times as far."""
+    moved = {}
+    for scale in (1.0, 10.0):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_model("llama"), QstConfig(r=4, gate_init=2.0, gate_scale=scale))
+        net = model.base_model.model.qst_side.qst_net["default"]
+        torch.testing.assert_close(net.gates * net.gate_scale, torch.full_like(net.gates, 2.0))
+        with torch.no_grad():
+            net.beta.fill_(0.5 / net.output_gate_scale)  # let the side network reach the output
+        opt = torch.optim.Adam([net.gates], lr=1e-2)
+        model(**tiny_inputs(model)).logits.float().pow(2).mean().backward()
+        opt.step()
+        moved[scale] = (net.gates.detach() * net.gate_scale - 2.0).abs()
+        assert (moved[scale] > 0).all()
+    torch.testing.assert_close(moved[10.0], 10 * moved[1.0], rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("downsample", ["lora", "pool"])

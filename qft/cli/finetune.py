@@ -57,6 +57,9 @@ def finetune_command(
                                                    help=H("side_input_norm")),
     side_uniform_attention: Optional[bool] = typer.Option(
         None, "--side-uniform-attention/--no-side-uniform-attention", help=H("side_uniform_attention")),
+    side_readout: Optional[str] = typer.Option(None, "--side-readout", help=H("side_readout")),
+    side_gate_init: Optional[float] = typer.Option(None, "--side-gate-init", help=H("side_gate_init")),
+    side_gate_scale: Optional[float] = typer.Option(None, "--side-gate-scale", help=H("side_gate_scale")),
     zo_eps: Optional[float] = typer.Option(None, "--zo-eps", help=H("zo_eps")),
     zo_samples: Optional[int] = typer.Option(None, "--zo-samples", help=H("zo_samples")),
     zo_objective: Optional[str] = typer.Option(None, "--zo-objective", help=H("zo_objective")),

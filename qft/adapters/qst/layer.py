@@ -4,9 +4,11 @@ Per backbone layer i (hidden states h_0 = embeddings, h_1 .. h_L = layer outputs
 
     s_0 = down_0(n(h_0))
     s_i = block_i((1 - sigmoid(g_i)) * down_i(n(h_i)) + sigmoid(g_i) * s_{i-1})        i = 1..L
-    out = (1 - beta) * h_L + beta * up(norm(s_L))                                    beta starts at 0
+    (g_i is stored divided by ``gate_scale``)
+    out = (1 - beta) * h_L + beta * up(read(norm(s_L)))                              beta starts at 0
 
-n is the identity, or an RMS norm per token with ``input_norm`` (the LLM's hidden states carry massive
+read is the identity, or with ``readout`` the causal mean over positions (or both); n is the identity, or an
+RMS norm per token with ``input_norm`` (the LLM's hidden states carry massive
 activations). h_L is the decoder's ``last_hidden_state`` (after its final norm, as transformers 5 reports it); ``out``
 replaces it, so it goes into the LLM's frozen LM head. The side width is hidden / r. The paper's output gate
 alpha = 1 - beta starts at 1, so at initialisation the model's output is exactly the LLM's (the reference
@@ -95,6 +97,17 @@ class SideBlock(nn.Module):
         return s + self.drop(self.mlp(self.norm2(s)))
 
 
+def read_out(side: torch.Tensor, attention_mask: torch.Tensor | None, readout: str) -> torch.Tensor:
+    """The side states (batch, seq, width) as the upsample reads them: each position's own ('token'), the mean over
+    the positions so far with padding left out ('mean'), or both concatenated ('token+mean')."""
+    if readout == "token":
+        return side
+    keep = (torch.ones(side.shape[:2], device=side.device) if attention_mask is None
+            else attention_mask.to(side.device, side.dtype))[..., None]
+    mean = (side * keep).cumsum(1) / keep.cumsum(1).clamp_min(1)  # 0 at left padding before the first token
+    return mean if readout == "mean" else torch.cat([side, mean], -1)
+
+
 class SideNetwork(nn.Module):
     """Everything QST trains: downsample modules, per-layer gates, side blocks, upsample and output gate."""
 
@@ -109,11 +122,13 @@ class SideNetwork(nn.Module):
                            "pass num_heads=0 (auto) or a divisor of hidden_size // r")
         self.width = width
         self.down = nn.ModuleList(make_downsample(cfg.downsample, hidden, width, cfg) for _ in range(num_layers + 1))
-        self.gates = nn.Parameter(torch.full((num_layers,), float(cfg.gate_init)))  # one scalar per layer
+        self.gate_scale = float(cfg.gate_scale)  # stored / gate_scale: Adam moves the gates that much faster
+        self.gates = nn.Parameter(torch.full((num_layers,), float(cfg.gate_init) / self.gate_scale))  # one per layer
         self.blocks = nn.ModuleList(SideBlock(width, heads, cfg.mlp_ratio, cfg.dropout, cfg.uniform_attention)
                                     for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)
-        self.up = nn.Linear(width, out_dim)
+        self.readout = cfg.readout
+        self.up = nn.Linear(width * (2 if cfg.readout == "token+mean" else 1), out_dim)
         self.beta = nn.Parameter(torch.zeros(()))  # output mix / output_gate_scale; 0 = the LLM alone
         self.output_gate_scale = float(cfg.output_gate_scale)
         self.drop = nn.Dropout(cfg.dropout)
@@ -129,11 +144,11 @@ class SideNetwork(nn.Module):
         b, t = final.shape[:2]
         mask = side_attention_mask(attention_mask, b, t, device)
         side = self.drop(self.down[0](self._input(hidden_states[0], device, dtype)))
-        gates = torch.sigmoid(self.gates)
+        gates = torch.sigmoid(self.gates * self.gate_scale)
         for i, block in enumerate(self.blocks):
             down = self.drop(self.down[i + 1](self._input(hidden_states[i + 1], device, dtype)))
             side = block((1 - gates[i]) * down + gates[i] * side, mask)
-        up = self.up(self.norm(side))
+        up = self.up(read_out(self.norm(side), attention_mask, self.readout))
         # (1 - beta) * h_L + beta * up, in the side network's precision, then h_L's: exactly h_L while beta is 0
         h = final.to(device, dtype)
         mixed = h + (self.beta * self.output_gate_scale) * (up - h)
