@@ -169,6 +169,27 @@ def pick(results: list[dict], top: int) -> list[str]:
     return sorted(runs, key=lambda k: -sum(runs[k]) / len(runs[k]))[:top]
 
 
+# explore keys -> `qft finetune` options (lr goes into the job's LR slot)
+FINETUNE_KEYS = {"r": "side_reduction", "dropout": "lora_dropout", "gate_init": "side_gate_init",
+                 "gate_scale": "side_gate_scale", "input_norm": "side_input_norm",
+                 "uniform_attention": "side_uniform_attention", "readout": "side_readout", "downsample": "downsample",
+                 "weight_decay": "weight_decay"}
+
+
+def as_gpu_runs(specs: list[str], seeds: list[int]) -> str:
+    """Explore specs as ``benchmarks/sst2_gpu_runs.sh`` QST jobs (qst:LR:KEY=VALUE,...,seed=S), one per seed."""
+    jobs = []
+    for spec in specs:
+        run = parse_run(spec)
+        lr = run.pop("lr", 1e-3)
+        unknown = set(run) - set(FINETUNE_KEYS)
+        if unknown:
+            raise SystemExit(f"{spec}: {sorted(unknown)} have no `qft finetune` option")
+        opts = [f"{FINETUNE_KEYS[k]}={str(v).lower() if isinstance(v, bool) else v}" for k, v in run.items()]
+        jobs += [f"qst:{lr}:{','.join(opts + [f'seed={seed}'])}" for seed in seeds]
+    return " ".join(jobs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(Path.home() / ".cache/qft/models/SmolLM2-135M-Instruct"))
@@ -183,9 +204,12 @@ def main() -> None:
     ap.add_argument("--pick", type=int, default=0, metavar="K",
                     help="print the K best runs of the result files given as --merge (best mean dev accuracy)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[])
+    ap.add_argument("--as-gpu-runs", default="", metavar="SEEDS",
+                    help="with --pick: print them as sst2_gpu_runs.sh QST jobs, one per seed (e.g. '42,1')")
     a = ap.parse_args()
     if a.pick:
-        print(" ".join(pick([json.loads(f.read_text()) for f in a.merge if f.exists()], a.pick)))
+        best = pick([json.loads(f.read_text()) for f in a.merge if f.exists()], a.pick)
+        print(as_gpu_runs(best, [int(x) for x in a.as_gpu_runs.split(",")]) if a.as_gpu_runs else " ".join(best))
         return
     from qft.io import write_json_atomic
     from qft.models import load_tokenizer
