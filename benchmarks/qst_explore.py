@@ -119,7 +119,7 @@ def train_side(cache_train, y_train, cache_dev, y_dev, head: torch.Tensor, label
     curve.append((steps, acc))
     extra = {"test_accuracy": evaluate(net, test[0], test[1], head, label_ids)} if test else {}
     return {"accuracy": acc, **extra, "curve": curve, "train_loss_last50": round(sum(losses[-50:]) / len(losses[-50:]), 4),
-            "beta": round(float(net.beta) * net.output_gate_scale, 3), "params": sum(p.numel() for p in net.parameters()),
+            "beta": round(float(net.beta.detach()) * net.output_gate_scale, 3), "params": sum(p.numel() for p in net.parameters()),
             "seconds": round(time.time() - t0, 1)}
 
 
