@@ -171,7 +171,7 @@ def pick(results: list[dict], top: int) -> list[str]:
 
 # explore keys -> `qft finetune` options (lr goes into the job's LR slot)
 FINETUNE_KEYS = {"r": "side_reduction", "dropout": "lora_dropout", "gate_init": "side_gate_init",
-                 "gate_scale": "side_gate_scale", "input_norm": "side_input_norm",
+                 "gate_scale": "side_gate_scale", "input_norm": "side_input_norm", "standardize": "side_standardize",
                  "uniform_attention": "side_uniform_attention", "readout": "side_readout", "downsample": "downsample",
                  "weight_decay": "weight_decay"}
 
@@ -197,6 +197,7 @@ def main() -> None:
     ap.add_argument("--runs", default="", help="space-separated runs, each KEY=VALUE,... (QstConfig fields, lr, "
                                                "weight_decay, steps); none: only compute the cache")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--log-every", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/qft-qst-states.pt"))
@@ -225,7 +226,7 @@ def main() -> None:
     results = json.loads(a.out.read_text()) if a.out.exists() else {"note": __doc__.split("\n\n")[0], "runs": {}}
     results["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     for spec in a.runs.split():
-        for seed in range(a.seeds):
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
             r = train_side(cached["train"], ys["train"], cached["dev"], ys["dev"], cached["head"], label_ids,
                            parse_run(spec), seed, a.steps, log_every=a.log_every, test=(cached["test"], ys["test"]))
             results["runs"].setdefault(spec, {"seeds": []})["seeds"].append(r)

@@ -68,6 +68,9 @@ class FinetuneConfig:
     downsample: str = field(default="lora", metadata={"help": "QST: downsample modules (lora, pool or linear)."})
     side_input_norm: bool = field(default=False, metadata={
         "help": "QST: RMS-normalise each LLM hidden state before its downsample (tames massive activations)."})
+    side_standardize: bool = field(default=False, metadata={
+        "help": "QST: standardise each hidden dimension of the LLM's states by running statistics before the "
+                "downsample."})
     side_uniform_attention: bool = field(default=False, metadata={
         "help": "QST: start the side blocks' attention as a causal mean over positions (zero queries and keys)."})
     side_readout: str = field(default="token", metadata={

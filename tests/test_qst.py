@@ -37,6 +37,7 @@ CASES = [
     *(MethodCase(f"qst-{d}", "llama", _float_base, _qst(downsample=d), "qst_") for d in ("pool", "maxpool", "linear")),
     MethodCase("qst-input-norm", "llama", _float_base, _qst(input_norm=True), "qst_"),
     MethodCase("qst-uniform-attention", "llama", _float_base, _qst(uniform_attention=True), "qst_"),
+    MethodCase("qst-standardize", "llama", _float_base, _qst(standardize=True, input_norm=True), "qst_"),
     *(MethodCase(f"qst-readout-{r}", "llama", _float_base, _qst(readout=r, gate_init=2.0, gate_scale=10.0), "qst_")
       for r in ("mean", "token+mean")),
 ]
@@ -166,6 +167,43 @@ def test_padding_does_not_change_real_positions(readout):
     left = {k: torch.cat([torch.zeros(1, 3, dtype=torch.long), v], 1) for k, v in x.items()}
     left["input_ids"][:, :3] = 5  # left padding, as in batched evaluation: the real positions' outputs stay
     torch.testing.assert_close(logits(model, left)[:, 3:], logits(model, x), atol=1e-4, rtol=1e-4)
+
+
+def test_standardize_keeps_running_statistics_of_the_real_tokens_but_the_first(tmp_path):
+    """The first training batch sets each layer's running mean and variance from its real tokens other than each
+    sequence's first (a massive activation there changes nothing); later batches move them by the momentum; eval
+    standardises by them; and they are saved with the adapter, so a reloaded model gives the same outputs."""
+    from qft.adapters.qst.layer import STANDARD_MOMENTUM
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama"), QstConfig(r=4, standardize=True))
+    net = model.base_model.model.qst_side.qst_net["default"]
+    states = [torch.randn(2, 5, 64) for _ in range(len(net.down))]
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    states[2][0, 0] *= 1000.0  # a massive activation on a first token
+    states[2][1, 2] *= 1000.0
+    final = torch.randn(2, 5, 64)
+    net.train()
+    net(states, final, mask)
+    keep = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 0, 1, 1]]).bool()
+    for i, h in enumerate(states):
+        torch.testing.assert_close(net.state_mean[i], h[keep].mean(0))
+        torch.testing.assert_close(net.state_var[i], h[keep].var(0))
+    again = [torch.randn(2, 5, 64) for _ in states]
+    net(again, final, None)  # no mask: every position is real, each row's first left out
+    rows = again[1][:, 1:].reshape(-1, 64)
+    expect = states[1][keep].mean(0).lerp(rows.mean(0), STANDARD_MOMENTUM)
+    torch.testing.assert_close(net.state_mean[1], expect)
+    assert int(net.state_batches) == 2
+    net.eval()
+    with torch.no_grad():
+        net.beta.fill_(0.5 / net.output_gate_scale)
+    x = tiny_inputs(model)
+    before = logits(model, x)
+    assert net.state_mean.abs().sum() > 0 and torch.isfinite(before).all()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    torch.testing.assert_close(logits(loaded, x), before, atol=0, rtol=0)
 
 
 def test_mean_readout_is_the_causal_mean_of_the_real_positions():
@@ -313,11 +351,11 @@ def test_finetune_cli_end_to_end(tiny_model_dir, jsonl, tmp_path):
     res = CliRunner().invoke(app, [str(a) for a in (
         "finetune", "--model", tiny_model_dir, "--data", jsonl("prompt_completion"), "--method", "qst",
         "--side-reduction", 4, "--downsample", "pool", "--output", out, "--max-steps", 3, "--batch-size", 4,
-        "--learning-rate", 5e-4, "--side-readout", "token+mean", "--side-gate-init", 2, "--side-gate-scale", 10)])
+        "--learning-rate", 5e-4, "--side-readout", "token+mean", "--side-gate-init", 2, "--side-gate-scale", 10, "--side-standardize")])
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "QST" and cfg["r"] == 4 and cfg["downsample"] == "pool"
-    assert (cfg["readout"], cfg["gate_init"], cfg["gate_scale"]) == ("token+mean", 2.0, 10.0)
+    assert (cfg["readout"], cfg["gate_init"], cfg["gate_scale"], cfg["standardize"]) == ("token+mean", 2.0, 10.0, True)
     assert json.loads((out / "qft_quantization.json").read_text())["quant_type"] == "nf4"
     assert json.loads((out / "qft_run.json").read_text())["stats"]["steps"] == 3
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)

@@ -55,6 +55,8 @@ def finetune_command(
     downsample: Optional[str] = typer.Option(None, "--downsample", help=H("downsample")),
     side_input_norm: Optional[bool] = typer.Option(None, "--side-input-norm/--no-side-input-norm",
                                                    help=H("side_input_norm")),
+    side_standardize: Optional[bool] = typer.Option(None, "--side-standardize/--no-side-standardize",
+                                                    help=H("side_standardize")),
     side_uniform_attention: Optional[bool] = typer.Option(
         None, "--side-uniform-attention/--no-side-uniform-attention", help=H("side_uniform_attention")),
     side_readout: Optional[str] = typer.Option(None, "--side-readout", help=H("side_readout")),

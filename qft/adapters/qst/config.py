@@ -38,6 +38,12 @@ class QstConfig(PeftConfig):
                 "normalises its own input. LLM hidden states carry 'massive activations' (SmolLM2-135M: the first "
                 "token's state has RMS ~930 and entries of 22,000 from layer 12 on, other tokens RMS 3 to 30), "
                 "which otherwise dominate the downsample's inputs and gradients."})
+    standardize: bool = field(default=False, metadata={
+        "help": "Standardise each hidden dimension of each layer's states before its downsample, (h - mean) / std "
+                "clamped to +-8, with running statistics over the real tokens but each sequence's first (kept as "
+                "buffers and saved with the adapter; a training batch uses its own, as batch norm does). Linear probes "
+                "standardise their features the same way; a few dimensions of an LLM's states otherwise dominate "
+                "what the downsample sees."})
     uniform_attention: bool = field(default=False, metadata={
         "help": "Start each side block's query and key projections at zero, so its attention starts as a causal "
                 "mean over the positions so far. Linear probes on SmolLM2-135M's frozen states score 85.4 on SST-2 "

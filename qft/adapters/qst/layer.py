@@ -7,9 +7,9 @@ Per backbone layer i (hidden states h_0 = embeddings, h_1 .. h_L = layer outputs
     (g_i is stored divided by ``gate_scale``)
     out = (1 - beta) * h_L + beta * up(read(norm(s_L)))                              beta starts at 0
 
-read is the identity, or with ``readout`` the causal mean over positions (or both); n is the identity, or an
-RMS norm per token with ``input_norm`` (the LLM's hidden states carry massive
-activations). h_L is the decoder's ``last_hidden_state`` (after its final norm, as transformers 5 reports it); ``out``
+read is the identity, or with ``readout`` the causal mean over positions (or both); n is the identity, an RMS
+norm per token (``input_norm``: the LLM's hidden states carry massive activations) and/or, with ``standardize``,
+a per-dimension standardisation by running statistics, as batch norm does. h_L is the decoder's ``last_hidden_state`` (after its final norm, as transformers 5 reports it); ``out``
 replaces it, so it goes into the LLM's frozen LM head. The side width is hidden / r. The paper's output gate
 alpha = 1 - beta starts at 1, so at initialisation the model's output is exactly the LLM's (the reference
 code instead starts a per-dimension sigmoid gate at sigmoid(1) = 0.73, which does not reproduce the LLM at
@@ -97,6 +97,18 @@ class SideBlock(nn.Module):
         return s + self.drop(self.mlp(self.norm2(s)))
 
 
+STANDARD_MOMENTUM = 0.05  # how far each training batch moves the running statistics (the first sets them)
+STANDARD_CLIP = 8.0  # standardised states are clamped: a massive activation would otherwise reach the side network
+
+
+def statistics_rows(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
+    """(batch, seq) bool: the positions whose states count in ``standardize``'s statistics, every real token but
+    each sequence's first (whose massive activations would swamp them)."""
+    real = (torch.ones(batch, seq, dtype=torch.bool, device=device) if attention_mask is None
+            else attention_mask.to(device).bool())
+    return real & (real.long().cumsum(1) > 1)
+
+
 def read_out(side: torch.Tensor, attention_mask: torch.Tensor | None, readout: str) -> torch.Tensor:
     """The side states (batch, seq, width) as the upsample reads them: each position's own ('token'), the mean over
     the positions so far with padding left out ('mean'), or both concatenated ('token+mean')."""
@@ -133,21 +145,52 @@ class SideNetwork(nn.Module):
         self.output_gate_scale = float(cfg.output_gate_scale)
         self.drop = nn.Dropout(cfg.dropout)
         self.input_norm = bool(cfg.input_norm)
+        self.standardize = bool(cfg.standardize)
+        if self.standardize:  # running per-dimension statistics of each layer's states (saved with the adapter)
+            self.register_buffer("state_mean", torch.zeros(num_layers + 1, hidden))
+            self.register_buffer("state_var", torch.ones(num_layers + 1, hidden))
+            self.register_buffer("state_batches", torch.zeros(()))
 
-    def _input(self, h: torch.Tensor, device, dtype) -> torch.Tensor:
+    def _input(self, h: torch.Tensor, i: int, device, dtype, stats: tuple | None) -> torch.Tensor:
         h = h.to(device, dtype)
-        return F.rms_norm(h, (h.shape[-1],), eps=1e-6) if self.input_norm else h
+        if self.input_norm:
+            h = F.rms_norm(h, (h.shape[-1],), eps=1e-6)
+        if self.standardize:
+            h = self._standardize(h, i, stats)
+        return h
+
+    def _standardize(self, h: torch.Tensor, i: int, stats: tuple | None) -> torch.Tensor:
+        """(h - mean) / std per hidden dimension, clamped to +-STANDARD_CLIP: with ``stats`` = (positions, momentum),
+        in training, the statistics of those positions, which also move the running ones; else the running ones."""
+        if stats is not None:
+            rows, m = stats
+            x = h[rows].float()
+            mean, var = x.mean(0), x.var(0)
+            with torch.no_grad():
+                self.state_mean[i].lerp_(mean.to(self.state_mean.dtype), m)
+                self.state_var[i].lerp_(var.to(self.state_var.dtype), m)
+        else:
+            mean, var = self.state_mean[i], self.state_var[i]
+        z = (h - mean.to(h.dtype)) * torch.rsqrt(var.to(h.dtype) + 1e-5)
+        return z.clamp(-STANDARD_CLIP, STANDARD_CLIP)
 
     def forward(self, hidden_states, final: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """hidden_states: L+1 tensors (batch, seq, hidden); final: (batch, seq, out_dim) that feeds the LM head."""
         device, dtype = self.up.weight.device, self.up.weight.dtype  # the LLM may be bf16 and spread over GPUs
         b, t = final.shape[:2]
         mask = side_attention_mask(attention_mask, b, t, device)
-        side = self.drop(self.down[0](self._input(hidden_states[0], device, dtype)))
+        stats = None  # (positions, momentum) whose statistics standardise this batch: training only
+        if self.standardize and self.training:
+            rows = statistics_rows(attention_mask, b, t, device)
+            if int(rows.sum()) > 1:  # the first training batch sets the running statistics
+                stats = (rows, 1.0 if int(self.state_batches) == 0 else STANDARD_MOMENTUM)
+        side = self.drop(self.down[0](self._input(hidden_states[0], 0, device, dtype, stats)))
         gates = torch.sigmoid(self.gates * self.gate_scale)
         for i, block in enumerate(self.blocks):
-            down = self.drop(self.down[i + 1](self._input(hidden_states[i + 1], device, dtype)))
+            down = self.drop(self.down[i + 1](self._input(hidden_states[i + 1], i + 1, device, dtype, stats)))
             side = block((1 - gates[i]) * down + gates[i] * side, mask)
+        if stats is not None:
+            self.state_batches += 1
         up = self.up(read_out(self.norm(side), attention_mask, self.readout))
         # (1 - beta) * h_L + beta * up, in the side network's precision, then h_L's: exactly h_L while beta is 0
         h = final.to(device, dtype)
