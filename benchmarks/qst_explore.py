@@ -206,8 +206,12 @@ def main() -> None:
                     help="print the K best runs of the result files given as --merge (best mean dev accuracy)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[])
     ap.add_argument("--as-gpu-runs", default="", metavar="SEEDS",
-                    help="with --pick: print them as sst2_gpu_runs.sh QST jobs, one per seed (e.g. '42,1')")
+                    help="print the picked runs (with --pick) or the given --runs as sst2_gpu_runs.sh QST jobs, one "
+                         "per seed (e.g. '42,1')")
     a = ap.parse_args()
+    if a.as_gpu_runs and not a.pick:  # the given --runs, as jobs
+        print(as_gpu_runs(a.runs.split(), [int(x) for x in a.as_gpu_runs.split(",")]))
+        return
     if a.pick:
         best = pick([json.loads(f.read_text()) for f in a.merge if f.exists()], a.pick)
         print(as_gpu_runs(best, [int(x) for x in a.as_gpu_runs.split(",")]) if a.as_gpu_runs else " ".join(best))
