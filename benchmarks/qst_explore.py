@@ -65,7 +65,7 @@ def cache_states(model, tok, examples, batch: int = 32) -> list[tuple[torch.Tens
 
 
 def batch_of(items):
-    """Left-pad a list of cached examples (on their device): (hidden states tuple, final (b, t, hidden), mask (b, t))."""
+    """Left-pad cached examples (on their device): (hidden states tuple, final (b, t, hidden), mask (b, t))."""
     t = max(s.shape[1] for s, _ in items)
     layers, hidden, device = items[0][0].shape[0], items[0][0].shape[2], items[0][0].device
     states = torch.zeros(len(items), layers, t, hidden, device=device)
@@ -118,9 +118,10 @@ def train_side(cache_train, y_train, cache_dev, y_dev, head: torch.Tensor, label
     acc = evaluate(net, cache_dev, y_dev, head, label_ids)
     curve.append((steps, acc))
     extra = {"test_accuracy": evaluate(net, test[0], test[1], head, label_ids)} if test else {}
-    return {"accuracy": acc, **extra, "curve": curve, "train_loss_last50": round(sum(losses[-50:]) / len(losses[-50:]), 4),
-            "beta": round(float(net.beta.detach()) * net.output_gate_scale, 3), "params": sum(p.numel() for p in net.parameters()),
-            "seconds": round(time.time() - t0, 1)}
+    return {"accuracy": acc, **extra, "curve": curve,
+            "train_loss_last50": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+            "beta": round(float(net.beta.detach()) * net.output_gate_scale, 3),
+            "params": sum(p.numel() for p in net.parameters()), "seconds": round(time.time() - t0, 1)}
 
 
 @torch.no_grad()

@@ -351,11 +351,13 @@ def test_finetune_cli_end_to_end(tiny_model_dir, jsonl, tmp_path):
     res = CliRunner().invoke(app, [str(a) for a in (
         "finetune", "--model", tiny_model_dir, "--data", jsonl("prompt_completion"), "--method", "qst",
         "--side-reduction", 4, "--downsample", "pool", "--output", out, "--max-steps", 3, "--batch-size", 4,
-        "--learning-rate", 5e-4, "--side-readout", "token+mean", "--side-gate-init", 2, "--side-gate-scale", 10, "--side-standardize")])
+        "--learning-rate", 5e-4, "--side-readout", "token+mean", "--side-gate-init", 2, "--side-gate-scale", 10,
+        "--side-standardize")])
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "QST" and cfg["r"] == 4 and cfg["downsample"] == "pool"
-    assert (cfg["readout"], cfg["gate_init"], cfg["gate_scale"], cfg["standardize"]) == ("token+mean", 2.0, 10.0, True)
+    new = ("readout", "gate_init", "gate_scale", "standardize")
+    assert tuple(cfg[k] for k in new) == ("token+mean", 2.0, 10.0, True)
     assert json.loads((out / "qft_quantization.json").read_text())["quant_type"] == "nf4"
     assert json.loads((out / "qft_run.json").read_text())["stats"]["steps"] == 3
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)

@@ -44,8 +44,9 @@ def plan(cfg) -> MethodPlan:
     return MethodPlan(
         load_base=lambda model_id: load_base(model_id, quant),
         peft_config=QstConfig(r=cfg.side_reduction, downsample=cfg.downsample, dropout=cfg.lora_dropout,
-                              input_norm=cfg.side_input_norm, standardize=cfg.side_standardize, uniform_attention=cfg.side_uniform_attention,
-                              gate_init=cfg.side_gate_init, gate_scale=cfg.side_gate_scale, readout=cfg.side_readout),
+                              input_norm=cfg.side_input_norm, standardize=cfg.side_standardize,
+                              uniform_attention=cfg.side_uniform_attention, gate_init=cfg.side_gate_init,
+                              gate_scale=cfg.side_gate_scale, readout=cfg.side_readout),
         describe_base=quant.to_dict,
         callbacks=[QstFloat32Callback()],
         # a side network trained from scratch needs a larger step than LoRA: 3e-3 reached 0.97 on the default

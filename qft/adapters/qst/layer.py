@@ -9,8 +9,9 @@ Per backbone layer i (hidden states h_0 = embeddings, h_1 .. h_L = layer outputs
 
 read is the identity, or with ``readout`` the causal mean over positions (or both); n is the identity, an RMS
 norm per token (``input_norm``: the LLM's hidden states carry massive activations) and/or, with ``standardize``,
-a per-dimension standardisation by running statistics, as batch norm does. h_L is the decoder's ``last_hidden_state`` (after its final norm, as transformers 5 reports it); ``out``
-replaces it, so it goes into the LLM's frozen LM head. The side width is hidden / r. The paper's output gate
+a per-dimension standardisation by running statistics, as batch norm does. h_L is the decoder's
+``last_hidden_state`` (after its final norm, as transformers 5 reports it); ``out`` replaces it, so it goes into
+the LLM's frozen LM head. The side width is hidden / r. The paper's output gate
 alpha = 1 - beta starts at 1, so at initialisation the model's output is exactly the LLM's (the reference
 code instead starts a per-dimension sigmoid gate at sigmoid(1) = 0.73, which does not reproduce the LLM at
 step 0). It is stored as beta, starting at 0, because TRL casts a quantized model's trainable parameters to
