@@ -124,3 +124,15 @@ def test_killed_checkpoint_save_keeps_the_previous_checkpoint(tiny_model_dir, js
                                      save_steps=1, batch_size=4, resume="auto"), log=lambda m: None, progress=False)
     assert result.stats["steps"] == 4
     assert (ckpts / "checkpoint-4" / "trainer_state.json").exists()
+
+
+def test_atomic_writes_get_the_mode_of_any_new_file(tmp_path):
+    """write_json_atomic goes through mkstemp, whose files are 0600; the result gets open()'s mode under the umask
+    (0644 under the usual 022), so a results JSON or a run record is as readable as every other file written."""
+    import qft.io
+
+    qft.io.write_json_atomic(tmp_path / "r.json", {"a": 1})
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert qft.io.NEW_FILE_MODE == qft.io._new_file_mode()  # the umask has not changed since import
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == qft.io.NEW_FILE_MODE
