@@ -18,7 +18,7 @@ G=/tmp/qftcache/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -s $G ] || cat /tmp/smollm2-a.part .kit/smollm2-b/part > $G
 M=$(python3 -c "from qft.models import default_model_path; print(default_model_path())" 2>$Q/convert.log | tail -1)
 E="python3 benchmarks/qst_explore.py --model $M --data /tmp/sst2 --cache /tmp/qst-states.pt"
-S="lr=1e-3,gate_init=2,standardize=true"  # best on cached states in session 8 (dev 84.8, test 85.5; 3 seeds), 82.2 through the CPU pipeline
+S="lr=1e-3,gate_init=2,standardize=true"  # session 8: cached dev 84.8 / test 85.5, CPU pipeline 82.2
 GRID=${GRID:-"
 $S $S,gate_scale=10 lr=5e-4,gate_init=2,standardize=true
 lr=2e-3,gate_init=2,standardize=true lr=1e-3,gate_init=3,standardize=true lr=1e-3,standardize=true
