@@ -76,6 +76,7 @@ def publish_dir_atomic(staging: Path, dest: Path) -> None:
     for src in files:
         target = dest / src.relative_to(staging)
         target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(src, NEW_FILE_MODE)  # safetensors writes through a 0600 temporary file of its own
         os.replace(src, target)
     shutil.rmtree(staging, ignore_errors=True)
     _fsync_dir(dest)

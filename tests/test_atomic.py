@@ -136,3 +136,15 @@ def test_atomic_writes_get_the_mode_of_any_new_file(tmp_path):
     plain.write_text("{}")
     assert qft.io.NEW_FILE_MODE == qft.io._new_file_mode()  # the umask has not changed since import
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == qft.io.NEW_FILE_MODE
+
+
+def test_published_files_get_the_mode_of_any_new_file(tmp_path):
+    """An adapter or checkpoint folder is published file by file from a staging folder; each file gets open()'s
+    mode under the umask, whatever mode its writer gave it (safetensors' own temporary files are 0600)."""
+    import qft.io
+
+    staging = qft.io.staging_dir(tmp_path / "adapter")
+    (staging / "adapter_model.safetensors").write_bytes(b"x")
+    os.chmod(staging / "adapter_model.safetensors", 0o600)
+    qft.io.publish_dir_atomic(staging, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_mode & 0o777 == qft.io.NEW_FILE_MODE
