@@ -29,23 +29,22 @@ import torch.nn.functional as F
 
 import qft  # noqa: F401  (registers QST with peft)
 from qft.adapters.qst import QstConfig, SideNetwork
-from qft.bench.sst2 import LABEL_WORDS, _read
+from qft.bench.sst2 import LABEL_WORDS, _read, sst2_task
 from qft.data import PROMPT
 
 
 def split(data_dir: Path, seed: int = 42) -> tuple[list, list, list]:
-    """The sentences ``python -m qft.bench.sst2`` trains on (its 1,000, less the 50 ``qft finetune`` holds
-    out), the 872 dev sentences and the 1,821 test sentences, as (prompt, label). Designs are picked on dev (as
-    every SST-2 figure here is reported); test says how much of a pick's lead is the pick."""
-    import datasets
+    """The sentences ``python -m qft.bench.sst2`` trains on (its 1,000, less the ones ``qft finetune`` holds out
+    at ``seed``), the 872 dev sentences and the 1,821 test sentences, as (prompt, label). Designs are picked on dev
+    (as every SST-2 figure here is reported); test says how much of a pick's lead is the pick."""
+    from qft.data import load_records
+    from qft.train import _split_eval
 
-    train = _read(data_dir / "train.jsonl")
-    random.Random(0).shuffle(train)
-    rows = [{"prompt": PROMPT.format(sentence=r["sentence"]), "label": int(r["label"])} for r in train[:1000]]
-    kept = datasets.Dataset.from_list(rows).train_test_split(test_size=50, seed=seed)["train"]
-    dev, test = ([(PROMPT.format(sentence=r["sentence"]), int(r["label"])) for r in _read(data_dir / f"{name}.jsonl")]
-                 for name in ("dev", "test"))
-    return [(r["prompt"], r["label"]) for r in kept], dev, test
+    train_file, task = sst2_task(data_dir)
+    kept, _ = _split_eval(load_records(str(train_file)), seed)
+    train = [(r["prompt"], LABEL_WORDS.index(r["completion"])) for r in kept]
+    test = [(PROMPT.format(sentence=r["sentence"]), int(r["label"])) for r in _read(data_dir / "test.jsonl")]
+    return train, list(task.examples), test
 
 
 @torch.no_grad()

@@ -102,11 +102,17 @@ STANDARD_MOMENTUM = 0.05  # how far each training batch moves the running statis
 STANDARD_CLIP = 8.0  # standardised states are clamped: a massive activation would otherwise reach the side network
 
 
+def real_tokens(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
+    """(batch, seq) bool: the positions that are not padding (all of them without a mask)."""
+    if attention_mask is None:
+        return torch.ones(batch, seq, dtype=torch.bool, device=device)
+    return attention_mask.to(device).bool()
+
+
 def statistics_rows(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
     """(batch, seq) bool: the positions whose states count in ``standardize``'s statistics, every real token but
     each sequence's first (whose massive activations would swamp them)."""
-    real = (torch.ones(batch, seq, dtype=torch.bool, device=device) if attention_mask is None
-            else attention_mask.to(device).bool())
+    real = real_tokens(attention_mask, batch, seq, device)
     return real & (real.long().cumsum(1) > 1)
 
 
@@ -115,8 +121,7 @@ def read_out(side: torch.Tensor, attention_mask: torch.Tensor | None, readout: s
     the positions so far with padding left out ('mean'), or both concatenated ('token+mean')."""
     if readout == "token":
         return side
-    keep = (torch.ones(side.shape[:2], device=side.device) if attention_mask is None
-            else attention_mask.to(side.device, side.dtype))[..., None]
+    keep = real_tokens(attention_mask, *side.shape[:2], side.device).to(side.dtype)[..., None]
     mean = (side * keep).cumsum(1) / keep.cumsum(1).clamp_min(1)  # 0 at left padding before the first token
     return mean if readout == "mean" else torch.cat([side, mean], -1)
 
