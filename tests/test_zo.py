@@ -534,6 +534,28 @@ def test_paired_projected_grad_matches_two_forwards_also_under_sparse_mezo():
         torch.testing.assert_close(l2, l1, rtol=1e-6, atol=1e-6)
 
 
+def test_paired_lm_loss_upcasts_the_logits_piece_by_piece(monkeypatch):
+    """Each half's mean loss over its labelled tokens, as transformers computes it for that half alone, whether the
+    float32 logits go in one piece or a row at a time (at the 8B shape the whole batch's would pass the inference
+    peak)."""
+    from qft.zo import trainer as zo_trainer
+
+    model = tiny_model("llama")
+    x = tiny_inputs(model, batch=4)
+    x["labels"] = x["input_ids"].clone()
+    x["labels"][0, :3] = -100  # a prompt masked out
+    x["labels"][-1, 1:] = -100  # a row with no labelled token after the shift
+    batch = x["input_ids"].shape[0] // 2
+    with torch.no_grad():
+        whole = zo_trainer.lm_loss_halves(model, x, batch)
+        monkeypatch.setattr(zo_trainer, "CE_CHUNK_BYTES", 1)
+        by_row = zo_trainer.lm_loss_halves(model, x, batch)
+        for h, half in enumerate((slice(0, batch), slice(batch, None))):
+            alone = model(input_ids=x["input_ids"][half], labels=x["labels"][half]).loss
+            torch.testing.assert_close(whole[h], alone, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(by_row, whole, rtol=1e-6, atol=1e-6)
+
+
 def test_paired_training_in_the_trainer(tmp_path):
     trainer = _zo_trainer(tmp_path, max_steps=150, dist="rank1")
     trainer.zo.paired = True

@@ -127,3 +127,29 @@ def test_rank_one_add_of_many_matrices_on_the_gpu():
     together = [o.clone() for o in outs]
     triton_ops.addr_multi_(together, a, b, -0.3, [1.0, 0.9, 1.0, 0.5])
     assert all(torch.equal(t, o) for t, o in zip(together, alone))
+
+
+def test_many_matrix_kernels_take_views_that_do_not_start_on_16_bytes():
+    """The one-launch kernels read their pointers from a table and are told those are 16-byte aligned (so they
+    move whole vectors) only when they are: views into a buffer at an odd element still come out right."""
+    torch.manual_seed(0)
+    shapes = [(1024, 4096), (1024, 4096)]
+    buf = torch.randn(1 + sum(m * n for m, n in shapes), device="cuda", dtype=torch.bfloat16)
+    outs, at = [], 1  # bf16 at element 1: 2 bytes past an aligned start
+    for m, n in shapes:
+        outs.append(buf[at:at + m * n].view(m, n))
+        at += m * n
+    assert not triton_ops._aligned(outs)
+    a = [torch.randn(s[0], device="cuda", dtype=torch.bfloat16) for s in shapes]
+    b = [torch.randn(s[1], device="cuda", dtype=torch.bfloat16) for s in shapes]
+    alone = [o.clone() for o in outs]  # clones are aligned
+    assert triton_ops._aligned(alone)
+    for o, x, y in zip(alone, a, b):
+        triton_ops.addr_(o, x, y, -0.3)
+    triton_ops.addr_multi_(outs, a, b, -0.3, [1.0, 1.0])
+    assert all(torch.equal(t, o) for t, o in zip(outs, alone))
+    # the fused Gaussian update of a view at an odd element equals that of an aligned copy
+    odd, even = outs[0], outs[0].clone()
+    triton_ops.axpby_multi_([odd], [7], -0.5, keep=0.9, decay=[True])
+    triton_ops.axpby_multi_([even], [7], -0.5, keep=0.9, decay=[True])
+    assert torch.equal(odd, even)

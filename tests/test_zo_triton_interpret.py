@@ -115,6 +115,16 @@ def test_rank_one_add_of_many_matrices_in_one_launch_per_shape_equals_each_alone
     together = [o.clone() for o in outs]
     ops.addr_multi_(together, a, b, -0.3, betas)
     assert all(torch.equal(t, o) for t, o in zip(together, alone))
+    # views into one buffer, at an element that is not on 16 bytes: the kernel is not told they are aligned
+    buf = torch.zeros(1 + sum(o.numel() for o in outs), dtype=dtype)
+    views, at = [], 1
+    for o in outs:
+        views.append(buf[at:at + o.numel()].view(o.shape))
+        views[-1].copy_(o)
+        at += o.numel()
+    assert not ops._aligned(views)
+    ops.addr_multi_(views, a, b, -0.3, betas)
+    assert all(torch.equal(v, o) for v, o in zip(views, alone))
     with pytest.raises(ValueError, match="contiguous factors in their matrix's dtype"):
         ops.addr_multi_(together[:1], [a[0].double()], b[:1], 1.0, [1.0])
 

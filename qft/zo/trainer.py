@@ -137,16 +137,32 @@ def rebuild_checkpoint_weights(trainer, checkpoint, log=print) -> None:
     distributed.barrier()
 
 
+CE_CHUNK_BYTES = 2**28  # float32 logits per cross-entropy piece of lm_loss_halves
+
+
 def lm_loss_halves(model, inputs, batch: int) -> torch.Tensor:
     """The causal-LM loss (mean over each half's labelled tokens, as transformers computes it) of rows [0, batch)
-    and of the rest, from one forward."""
+    and of the rest, from one forward.
+
+    The cross-entropy runs over pieces of rows, each piece's logits upcast to float32 on their own (at most
+    ``CE_CHUNK_BYTES``, one row at least): transformers upcasts the whole batch's logits, which for the doubled batch
+    of a Llama-3-8B shape (8 x 512 tokens, 128k words) would be 2 GiB of float32 logits and as much again for
+    their log-softmax, above the inference peak that a paired step must stay near."""
     labels = inputs["labels"]
     logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
     shifted = labels[:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                                           ignore_index=-100, reduction="none").view(shifted.shape)
-    valid = (shifted != -100)
-    return torch.stack([ce[h].sum() / valid[h].sum().clamp(min=1) for h in (slice(0, batch), slice(batch, None))])
+    rows, width = shifted.shape
+    per_row = max(1, CE_CHUNK_BYTES // max(1, width * logits.shape[-1] * 4))
+    sums = []
+    for r in range(0, rows, per_row):
+        piece = logits[r:r + per_row, :-1].float()
+        sums.append(torch.nn.functional.cross_entropy(piece.reshape(-1, piece.shape[-1]),
+                                                      shifted[r:r + per_row].reshape(-1), ignore_index=-100,
+                                                      reduction="none").view(-1, width).sum(1))
+        del piece
+    sums = torch.cat(sums)
+    valid = (shifted != -100).sum(1)
+    return torch.stack([sums[h].sum() / valid[h].sum().clamp(min=1) for h in (slice(0, batch), slice(batch, None))])
 
 
 def zo_projected_grad_paired(model, params, step_seed: int, eps: float, inputs: dict, halves,

@@ -61,6 +61,17 @@ def _seed32(seed: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _table_pointer(table, i, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+        """Entry ``i`` of ``table`` as a pointer to DTYPE. Triton knows a pointer argument's alignment (it
+        specializes on it) but not a loaded one's, so without the hint it moves a tile element by element: the
+        rank1 update of a Llama-3-8B step ran at 2.2 TB/s where the same tiles from arguments ran at 3.7.
+        ``ALIGNED``: the caller checked that every pointer in the table is a multiple of 16 bytes."""
+        address = tl.load(table + i)
+        if ALIGNED:
+            address = tl.multiple_of(address, 16)
+        return address.to(tl.pointer_type(DTYPE))
+
+    @triton.jit
     def _axpy_piece(src, dst, offs, n, keep, scale, z):
         m = offs < n
         x = tl.load(src + offs, mask=m, other=0.0).to(tl.float32)
@@ -77,14 +88,14 @@ if triton is not None:
 
     @triton.jit
     def _axpby_randn_multi(table, n_tensors, numels, block_tensor, block_start, keep, scale,
-                           DTYPE: tl.constexpr, Q: tl.constexpr, RADEMACHER: tl.constexpr):
+                           DTYPE: tl.constexpr, Q: tl.constexpr, RADEMACHER: tl.constexpr, ALIGNED: tl.constexpr):
         """dst[t] = src[t]·(keep if decay[t] else 1) + scale·z(seed[t]) over one block of 4Q elements."""
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
         start = tl.load(block_start + pid)  # int32, a multiple of 4Q
         n = tl.load(numels + t)
-        src = tl.load(table + t).to(tl.pointer_type(DTYPE))
-        dst = tl.load(table + n_tensors + t).to(tl.pointer_type(DTYPE))
+        src = _table_pointer(table, t, DTYPE, ALIGNED)
+        dst = _table_pointer(table, n_tensors + t, DTYPE, ALIGNED)
         seed = tl.load(table + 2 * n_tensors + t)
         k = tl.where(tl.load(table + 3 * n_tensors + t) != 0, keep, 1.0)
         if RADEMACHER:  # Q = 32 x 32: four quarters of 32 words x 32 bits
@@ -121,13 +132,14 @@ if triton is not None:
         _addr_tile(out, a, b, m, n, beta, alpha, BM, BN)
 
     @triton.jit
-    def _addr_multi_kernel(table, n_mats, m, n, alpha, DTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    def _addr_multi_kernel(table, n_mats, m, n, alpha, DTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                           ALIGNED: tl.constexpr):
         """:func:`_addr_tile` of matrix program_id(2) of many of one shape: its out, a, b pointers and its beta
         (float bits) from ``table``."""
         t = tl.program_id(2)
-        out = tl.load(table + t).to(tl.pointer_type(DTYPE))
-        a = tl.load(table + n_mats + t).to(tl.pointer_type(DTYPE))
-        b = tl.load(table + 2 * n_mats + t).to(tl.pointer_type(DTYPE))
+        out = _table_pointer(table, t, DTYPE, ALIGNED)
+        a = _table_pointer(table, n_mats + t, DTYPE, ALIGNED)
+        b = _table_pointer(table, 2 * n_mats + t, DTYPE, ALIGNED)
         beta = tl.load(table + 3 * n_mats + t).to(tl.int32).to(tl.float32, bitcast=True)
         _addr_tile(out, a, b, m, n, beta, alpha, BM, BN)
 
@@ -148,6 +160,11 @@ def _block_map(numels: tuple[int, ...], device: torch.device):
         hit = _BLOCK_MAPS[key] = (torch.tensor(numels, dtype=torch.int32).to(device), tensor_of.to(device),
                                   start.to(device))
     return hit
+
+
+def _aligned(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every tensor starts on a 16-byte boundary (allocations do; a view into a buffer may not)."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def _device_table(values: list[int], device: torch.device) -> torch.Tensor:
@@ -175,7 +192,8 @@ def _launch(srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor], seeds: S
     dt = _TL[dtype]
     with _on(device):  # the launch goes to the current device: make it the tensors' one (layers spread over GPUs)
         _axpby_randn_multi[(tensor_of.numel(),)](table, n, sizes, tensor_of, start, float(keep), float(scale),
-                                                 DTYPE=dt, Q=QUARTER, RADEMACHER=dist == "rademacher")
+                                                 DTYPE=dt, Q=QUARTER, RADEMACHER=dist == "rademacher",
+                                                 ALIGNED=_aligned(srcs) and _aligned(dsts))
 
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if triton else {}
@@ -275,7 +293,9 @@ def addr_multi_(outs: Sequence[torch.Tensor], a: Sequence[torch.Tensor], b: Sequ
                               + [b[i].data_ptr() for i in idx] + bits, device)
         grid = (triton.cdiv(m, ADDR_BM), triton.cdiv(n, ADDR_BN), len(idx))
         with _on(device):
-            _addr_multi_kernel[grid](table, len(idx), m, n, float(alpha), DTYPE=_TL[dtype], BM=ADDR_BM, BN=ADDR_BN)
+            _addr_multi_kernel[grid](table, len(idx), m, n, float(alpha), DTYPE=_TL[dtype], BM=ADDR_BM, BN=ADDR_BN,
+                                     ALIGNED=all(_aligned(ts) for ts in ([outs[i] for i in idx], [a[i] for i in idx],
+                                                                          [b[i] for i in idx])))
 
 
 def addr_usable(out: torch.Tensor) -> bool:
