@@ -130,8 +130,9 @@ def test_rank_one_add_of_many_matrices_on_the_gpu():
 
 
 def test_many_matrix_kernels_take_views_that_do_not_start_on_16_bytes():
-    """The one-launch kernels read their pointers from a table and are told those are 16-byte aligned (so they
-    move whole vectors) only when they are: views into a buffer at an odd element still come out right."""
+    """The one-launch kernels read their tensors as offsets from a base and are told those are multiples of 16
+    bytes (so they move whole vectors) only when they are: views into a buffer at an odd element still come out
+    right."""
     torch.manual_seed(0)
     shapes = [(1024, 4096), (1024, 4096)]
     buf = torch.randn(1 + sum(m * n for m, n in shapes), device="cuda", dtype=torch.bfloat16)
@@ -139,11 +140,11 @@ def test_many_matrix_kernels_take_views_that_do_not_start_on_16_bytes():
     for m, n in shapes:
         outs.append(buf[at:at + m * n].view(m, n))
         at += m * n
-    assert not triton_ops._aligned(outs)
+    assert triton_ops._offsets(outs[0], outs + [buf[:8]])[1] == 1
     a = [torch.randn(s[0], device="cuda", dtype=torch.bfloat16) for s in shapes]
     b = [torch.randn(s[1], device="cuda", dtype=torch.bfloat16) for s in shapes]
-    alone = [o.clone() for o in outs]  # clones are aligned
-    assert triton_ops._aligned(alone)
+    alone = [o.clone() for o in outs]  # separate allocations: 16-byte multiples apart
+    assert triton_ops._offsets(alone[0], alone)[1] == 8
     for o, x, y in zip(alone, a, b):
         triton_ops.addr_(o, x, y, -0.3)
     triton_ops.addr_multi_(outs, a, b, -0.3, [1.0, 1.0])

@@ -7,6 +7,7 @@ perturbed copy costs one read and one write of θ, and an update one read-modify
 Two things keep the step cheap on a GPU:
 
 * **One launch for many tensors.** A launch takes a table of (source, destination, seed, decay) per tensor
+  (sources and destinations as offsets from the first source: see ``_entry``)
   and a cached map from program to (tensor, block), so the update of every tuned tensor is one launch, and
   the perturbed copies of one decoder layer's weights another - not one launch (and one Python round trip)
   per tensor, which is what bounds the step of a small model.
@@ -61,15 +62,18 @@ def _seed32(seed: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _table_pointer(table, i, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-        """Entry ``i`` of ``table`` as a pointer to DTYPE. Triton knows a pointer argument's alignment (it
-        specializes on it) but not a loaded one's, so without the hint it moves a tile element by element: the
-        rank1 update of a Llama-3-8B step ran at 2.2 TB/s where the same tiles from arguments ran at 3.7.
-        ``ALIGNED``: the caller checked that every pointer in the table is a multiple of 16 bytes."""
-        address = tl.load(table + i)
-        if ALIGNED:
-            address = tl.multiple_of(address, 16)
-        return address.to(tl.pointer_type(DTYPE))
+    def _entry(base, table, i, ALIGN: tl.constexpr):
+        """``base`` moved by entry ``i`` of ``table`` (an offset in elements): a tensor of a one-launch kernel.
+
+        The table holds offsets from a pointer argument, not addresses. Triton knows an argument's alignment (it
+        specializes on it) and, through the hint, that the offsets are multiples of ``ALIGN`` elements, so it
+        moves whole 16-byte vectors; a pointer loaded from a table it must treat as unaligned, element by
+        element (and ``tl.multiple_of`` on a loaded address does not change that). rank1's update of a
+        Llama-3-8B step ran at 2.2 TB/s that way, 3.75 with offsets (benchmarks/addr_multi_probe.py, H200)."""
+        offset = tl.load(table + i)
+        if ALIGN > 1:
+            offset = tl.multiple_of(offset, ALIGN)
+        return base + offset
 
     @triton.jit
     def _axpy_piece(src, dst, offs, n, keep, scale, z):
@@ -87,15 +91,15 @@ if triton is not None:
         _axpy_piece(src, dst, start + c[:, None] * 32 + b[None, :], n, keep, scale, z)
 
     @triton.jit
-    def _axpby_randn_multi(table, n_tensors, numels, block_tensor, block_start, keep, scale,
-                           DTYPE: tl.constexpr, Q: tl.constexpr, RADEMACHER: tl.constexpr, ALIGNED: tl.constexpr):
+    def _axpby_randn_multi(base, table, n_tensors, numels, block_tensor, block_start, keep, scale,
+                           Q: tl.constexpr, RADEMACHER: tl.constexpr, ALIGN: tl.constexpr):
         """dst[t] = src[t]·(keep if decay[t] else 1) + scale·z(seed[t]) over one block of 4Q elements."""
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
         start = tl.load(block_start + pid)  # int32, a multiple of 4Q
         n = tl.load(numels + t)
-        src = _table_pointer(table, t, DTYPE, ALIGNED)
-        dst = _table_pointer(table, n_tensors + t, DTYPE, ALIGNED)
+        src = _entry(base, table, t, ALIGN)
+        dst = _entry(base, table, n_tensors + t, ALIGN)
         seed = tl.load(table + 2 * n_tensors + t)
         k = tl.where(tl.load(table + 3 * n_tensors + t) != 0, keep, 1.0)
         if RADEMACHER:  # Q = 32 x 32: four quarters of 32 words x 32 bits
@@ -132,14 +136,14 @@ if triton is not None:
         _addr_tile(out, a, b, m, n, beta, alpha, BM, BN)
 
     @triton.jit
-    def _addr_multi_kernel(table, n_mats, m, n, alpha, DTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                           ALIGNED: tl.constexpr):
+    def _addr_multi_kernel(base, table, n_mats, m, n, alpha, BM: tl.constexpr, BN: tl.constexpr,
+                           ALIGN: tl.constexpr):
         """:func:`_addr_tile` of matrix program_id(2) of many of one shape: its out, a, b pointers and its beta
         (float bits) from ``table``."""
         t = tl.program_id(2)
-        out = _table_pointer(table, t, DTYPE, ALIGNED)
-        a = _table_pointer(table, n_mats + t, DTYPE, ALIGNED)
-        b = _table_pointer(table, 2 * n_mats + t, DTYPE, ALIGNED)
+        out = _entry(base, table, t, ALIGN)
+        a = _entry(base, table, n_mats + t, ALIGN)
+        b = _entry(base, table, 2 * n_mats + t, ALIGN)
         beta = tl.load(table + 3 * n_mats + t).to(tl.int32).to(tl.float32, bitcast=True)
         _addr_tile(out, a, b, m, n, beta, alpha, BM, BN)
 
@@ -162,13 +166,18 @@ def _block_map(numels: tuple[int, ...], device: torch.device):
     return hit
 
 
-def _aligned(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether every tensor starts on a 16-byte boundary (allocations do; a view into a buffer may not)."""
-    return all(t.data_ptr() % 16 == 0 for t in tensors)
+def _offsets(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
+    """(each tensor's start as an offset in elements from ``base``'s, the largest ALIGN those offsets allow: 16
+    bytes' worth of elements when every one is a multiple of 16 bytes, as separate allocations are, else 1).
+    The tensors share ``base``'s dtype and device."""
+    size = base.element_size()
+    gaps = [t.data_ptr() - base.data_ptr() for t in tensors]
+    align = 16 // size if size <= 16 and all(g % 16 == 0 for g in gaps) else 1
+    return [g // size for g in gaps], align
 
 
 def _device_table(values: list[int], device: torch.device) -> torch.Tensor:
-    """int64 ``values`` on ``device`` for a kernel to read (pointers, seeds, flags)."""
+    """int64 ``values`` on ``device`` for a kernel to read (offsets, seeds, flags)."""
     table = torch.tensor(values, dtype=torch.int64)
     if device.type == "cuda":  # a copy from pageable memory first waits for the stream to drain: the CPU could
         table = table.pin_memory()  # not run ahead of the GPU, which bounds a small model's step
@@ -183,20 +192,16 @@ def _launch(srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor], seeds: S
     numels = tuple(s.numel() for s in srcs)
     if max(numels) >= MAX_NUMEL:
         raise ValueError("tensors of 2**31 elements or more are not supported by the fused ZO kernel")
-    device, dtype = srcs[0].device, srcs[0].dtype
+    device = srcs[0].device
     n = len(srcs)
     flags = [1 if d else 0 for d in decay] if decay is not None else [0] * n
-    table = _device_table([s.data_ptr() for s in srcs] + [d.data_ptr() for d in dsts]
-                          + [_seed32(s) for s in seeds] + flags, device)
+    base = srcs[0]
+    offsets, align = _offsets(base, list(srcs) + list(dsts))
+    table = _device_table(offsets + [_seed32(s) for s in seeds] + flags, device)
     sizes, tensor_of, start = _block_map(numels, device)
-    dt = _TL[dtype]
     with _on(device):  # the launch goes to the current device: make it the tensors' one (layers spread over GPUs)
-        _axpby_randn_multi[(tensor_of.numel(),)](table, n, sizes, tensor_of, start, float(keep), float(scale),
-                                                 DTYPE=dt, Q=QUARTER, RADEMACHER=dist == "rademacher",
-                                                 ALIGNED=_aligned(srcs) and _aligned(dsts))
-
-
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if triton else {}
+        _axpby_randn_multi[(tensor_of.numel(),)](base, table, n, sizes, tensor_of, start, float(keep), float(scale),
+                                                 Q=QUARTER, RADEMACHER=dist == "rademacher", ALIGN=align)
 
 
 def _on(device: torch.device):
@@ -289,13 +294,12 @@ def addr_multi_(outs: Sequence[torch.Tensor], a: Sequence[torch.Tensor], b: Sequ
                for i in idx):
             raise ValueError("addr_multi_ needs contiguous factors in their matrix's dtype")
         bits = torch.tensor([float(betas[i]) for i in idx], dtype=torch.float32).view(torch.int32).tolist()
-        table = _device_table([outs[i].data_ptr() for i in idx] + [a[i].data_ptr() for i in idx]
-                              + [b[i].data_ptr() for i in idx] + bits, device)
+        base = outs[idx[0]]
+        offsets, align = _offsets(base, [outs[i] for i in idx] + [a[i] for i in idx] + [b[i] for i in idx])
+        table = _device_table(offsets + bits, device)
         grid = (triton.cdiv(m, ADDR_BM), triton.cdiv(n, ADDR_BN), len(idx))
         with _on(device):
-            _addr_multi_kernel[grid](table, len(idx), m, n, float(alpha), DTYPE=_TL[dtype], BM=ADDR_BM, BN=ADDR_BN,
-                                     ALIGNED=all(_aligned(ts) for ts in ([outs[i] for i in idx], [a[i] for i in idx],
-                                                                          [b[i] for i in idx])))
+            _addr_multi_kernel[grid](base, table, len(idx), m, n, float(alpha), BM=ADDR_BM, BN=ADDR_BN, ALIGN=align)
 
 
 def addr_usable(out: torch.Tensor) -> bool:
