@@ -49,7 +49,9 @@ opts() { for kv in ${opt//,/ }; do printf -- '--option %s:%s ' "$1" "$kv"; done;
 job() {  # job RUN GPU: start one SST-2 job (NAME, NAME:LR or qst:LR:KEY=VALUE) in the background on GPU GPU
   local job=${1%%:*} lr=${1#*:} opt=""; [ "$lr" = "$1" ] && lr=""
   case $lr in *:*) opt=${lr#*:}; lr=${lr%%:*} ;; esac
-  local name=$job${lr:+-$lr}${opt:+-$opt} R="timeout --preserve-status $((LIMIT - SECONDS)) $P"
+  # --foreground: the job alone gets the SIGTERM, not its process group a second time (session 9: three of six
+  # processes ended silently at the SIGTERM; each now also logs "qft: SIGTERM received" when its handler runs)
+  local name=$job${lr:+-$lr}${opt:+-$opt} R="timeout --foreground --preserve-status $((LIMIT - SECONDS)) $P"
   export CUDA_VISIBLE_DEVICES=$2
   case $job in
     qst) $R 300 --methods qst ${lr:+--lr qst=$lr} $(opts qst) --out /tmp/res/$name.json \

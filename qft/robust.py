@@ -60,6 +60,11 @@ class StopOnSignal(TrainerCallback):
             self.restore()
             raise KeyboardInterrupt
         self.received, self._received_at = signum, now
+        try:  # straight to the file descriptor: print() here could re-enter a write the signal interrupted
+            os.write(2, f"qft: {signal.Signals(signum).name} received: finishing this step, then saving a "
+                        "checkpoint\n".encode())
+        except OSError:
+            pass
 
     def install(self) -> None:
         if self._previous or threading.current_thread() is not threading.main_thread():

@@ -85,6 +85,8 @@ def test_signal_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_d
     assert ours == [last], err
     name = signal.Signals(signum).name
     assert f"{name} received" in last and "step 3 of 6" in last and "--resume auto" in last, err
+    # said when the signal came, not only at the end (a process that then dies still leaves that much in its log)
+    assert f"qft: {name} received: finishing this step" in err, err
     ckpt = part / "checkpoints" / "checkpoint-3"  # the signal came during step 3, which finished and was saved
     assert (ckpt / "trainer_state.json").exists(), output
     assert not (part / weights).exists()  # no final adapter from a stopped run
