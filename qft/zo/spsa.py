@@ -296,11 +296,13 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
     fix = "leave --zo-paired off for this model"
 
     def rows_like(t: torch.Tensor) -> torch.Tensor:  # +1 on the first half's rows, -1 on the second's
-        if t.device not in signs:
-            s = torch.ones(2 * batch, device=t.device)
+        # in the input's float dtype, which a linear hook's x·v has: a cast of them would be a launch per hook
+        key = (t.device, t.dtype if t.is_floating_point() else torch.float32)
+        s = signs.get(key)
+        if s is None:
+            s = signs[key] = torch.ones(2 * batch, device=t.device, dtype=key[1])
             s[batch:] = -1
-            signs[t.device] = s
-        return signs[t.device]
+        return s
 
     def check(x, module):
         if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] != 2 * batch:
