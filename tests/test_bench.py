@@ -45,6 +45,23 @@ def test_mezo_over_qlora_runs_on_the_nf4_base(tmp_path, monkeypatch):
     assert set(r["ratios"]) == {"qft-mezo-qlora/inference-nf4"}
 
 
+def test_in_place_sparse_mezo_path_tunes_the_decoder_matrices_against_both_baselines(tmp_path, monkeypatch):
+    """qft-sparse-mezo-inplace: MeZO on the decoder's weight matrices under a magnitude mask, no delta tensors;
+    compared with two forwards and with the PEFT Sparse-MeZO's step."""
+    monkeypatch.setenv("QFT_BENCH_DIR", str(tmp_path))
+    r = run_suite("mezo", shape="tiny", batch=2, seq=32, steps=2, warmup=1, rank=4, gradient_checkpointing=False,
+                  out=None, log=lambda m: None, paths=["inference", "qft-sparse-mezo", "qft-sparse-mezo-inplace"])
+    for path, row in r["results"].items():
+        assert "error" not in row, (path, row)
+        assert row["peak_gib"] > 0 and row["step_ms"] > 0
+    c = r["shape_config"]
+    h, i, kv = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"] * c[
+        "num_key_value_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + h * i * 3
+    assert r["results"]["qft-sparse-mezo-inplace"]["tuned_params"] == c["num_hidden_layers"] * per_layer
+    assert {"qft-sparse-mezo-inplace/inference", "qft-sparse-mezo-inplace/qft-sparse-mezo"} <= set(r["ratios"])
+
+
 def test_unknown_path_is_a_one_line_error(tmp_path, monkeypatch):
     from qft.errors import QftError
 

@@ -154,3 +154,21 @@ def test_many_matrix_kernels_take_views_that_do_not_start_on_16_bytes():
     triton_ops.axpby_multi_([odd], [7], -0.5, keep=0.9, decay=[True])
     triton_ops.axpby_multi_([even], [7], -0.5, keep=0.9, decay=[True])
     assert torch.equal(odd, even)
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_masked_kernels_on_the_gpu(dist):
+    """In-place Sparse-MeZO's copies and update (qft.zo.mask.MagnitudeMask): the unmasked kernel's numbers where
+    |θ| <= the tensor's threshold, θ elsewhere, bf16, one launch over tensors of several thresholds."""
+    torch.manual_seed(0)
+    ts = [torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in [(4096, 1024), (1024, 4097)]]
+    thresholds = [0.2, 0.7]
+    plain = triton_ops.perturbed_copies(ts, [5, 6], 1e-2, dist)
+    masked = triton_ops.perturbed_copies(ts, [5, 6], 1e-2, dist, thresholds)
+    upd, ref = [t.clone() for t in ts], [t.clone() for t in ts]
+    triton_ops.axpby_multi_(upd, [5, 6], -0.5, dist=dist, thresholds=thresholds)
+    triton_ops.axpby_multi_(ref, [5, 6], -0.5, dist=dist)
+    for t, p, m, u, r, h in zip(ts, plain, masked, upd, ref, thresholds):
+        sel = t.float().abs() <= h
+        assert torch.equal(m[sel], p[sel]) and torch.equal(m[~sel], t[~sel])
+        assert torch.equal(u[sel], r[sel]) and torch.equal(u[~sel], t[~sel])

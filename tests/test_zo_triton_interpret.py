@@ -210,3 +210,60 @@ def test_paired_forward_with_the_kernels(ops, dist):
     from tests.test_zo import check_paired_forward
 
     check_paired_forward(dist, seed=3)
+
+
+@inside
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_masked_kernels_change_only_the_entries_under_each_tensors_threshold(ops, dtype, dist):
+    """In-place Sparse-MeZO (qft.zo.mask.MagnitudeMask): the copy and the update take z where |θ| <= the tensor's own
+    threshold, the unmasked kernel's exact numbers there, and θ itself elsewhere."""
+    torch.manual_seed(0)
+    ts = [torch.randn(*s).to(dtype) for s in [(3, 700), (5000,), (2, ops.BLOCK)]]
+    thresholds = [0.1, 0.5, 1.0]
+    seeds = [21, 22, 23]
+    plain = ops.perturbed_copies(ts, seeds, 1e-2, dist)
+    masked = ops.perturbed_copies(ts, seeds, 1e-2, dist, thresholds)
+    for t, p, m, h in zip(ts, plain, masked, thresholds):
+        sel = t.float().abs() <= h
+        assert 0 < int(sel.sum()) < t.numel()
+        assert torch.equal(m[sel], p[sel]) and torch.equal(m[~sel], t[~sel])
+    upd, ref = [t.clone() for t in ts], [t.clone() for t in ts]
+    ops.axpby_multi_(upd, seeds, -0.5, dist=dist, thresholds=thresholds)
+    ops.axpby_multi_(ref, seeds, -0.5, dist=dist)
+    for t, u, r, h in zip(ts, upd, ref, thresholds):
+        sel = t.float().abs() <= h
+        assert torch.equal(u[sel], r[sel]) and torch.equal(u[~sel], t[~sel])
+
+
+@inside
+def test_in_place_sparse_mezo_through_the_kernels(ops, monkeypatch):
+    """MagnitudeMask through the training path with the kernels: only entries under their tensor's threshold move,
+    and a replay rebuilds the weights bit-exactly."""
+    from qft.zo.mask import MagnitudeMask
+    from qft.zo.optimizer import ZoSGD
+    from qft.zo.trainer import zo_projected_grad
+    from tests.tiny import tiny_inputs, tiny_model
+
+    monkeypatch.setattr(ops, "usable", lambda p, mask_fn=None: p.dtype in ops._FLOATS
+                        and (mask_fn is None or getattr(mask_fn, "in_kernel", False)))
+    model = tiny_model("llama")
+    mats = [p for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2]
+    for p in model.parameters():
+        p.requires_grad_(any(p is m for m in mats))
+    start = [p.detach().clone() for p in mats]
+    mask = MagnitudeMask(mats, 0.3)
+    x = tiny_inputs(model)
+    opt = ZoSGD(mats, lr=0.05, seed=2, mask_fn=mask)
+    for _ in range(3):
+        seed = opt.step_seed()
+        g, _ = zo_projected_grad(model, mats, seed, 1e-3, lambda: model(**x, labels=x["input_ids"]).loss, mask)
+        opt.record(seed, g.item())
+        opt.step()
+    for p, b in zip(mats, start):
+        moved = p.detach() != b
+        assert moved.any() and not (moved & (b.abs() > mask.threshold(p))).any()
+    copies = [torch.nn.Parameter(b.clone()) for b in start]
+    again = ZoSGD(copies, lr=0.05, seed=2, mask_fn=MagnitudeMask(copies, 0.3))
+    again.replay(opt.state_dict()["zo"]["history"])
+    assert all(torch.equal(a, b) for a, b in zip(copies, mats))

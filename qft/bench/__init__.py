@@ -53,13 +53,15 @@ SUITES = {
         "qft-mezo-rank1": "qft MeZO with rank-one directions u·vᵀ per matrix (--zo-distribution rank1): forward hooks add the perturbation to each output, no weight copies",
         "qft-mezo-rank1-paired": "qft MeZO rank1 with --zo-paired: both perturbed forwards as one forward of the batch twice (a sign per row)",
         "qft-sparse-mezo": "qft Sparse-MeZO, density 0.2 of every linear layer (deltas of the smallest weights)",
+        "qft-sparse-mezo-inplace": "qft Sparse-MeZO on the weights themselves (qft.zo.mask.MagnitudeMask, density 0.2 of every decoder matrix): no delta tensor",
         "inference-nf4": "two forward passes of the NF4 model (double quant, bf16 compute): 4-bit inference",
         "qft-mezo-qlora": "qft MeZO over LoRA (r = --lora-r, every linear layer) on the NF4 base (--zo-adapter qlora)",
     },
 }
 # which stock path each qft path is compared with (default: every path that does not start with "qft")
 BASELINES = {"qft-spiel-nf4": ("stock-trl",), "qft-spiel-bf16": ("stock-lora-bf16",),
-             "qft-sparse-mezo": ("inference", "qft-mezo"), "qft-mezo-qlora": ("inference-nf4",),
+             "qft-sparse-mezo": ("inference", "qft-mezo"), "qft-sparse-mezo-inplace": ("inference", "qft-sparse-mezo"),
+             "qft-mezo-qlora": ("inference-nf4",),
              **{p: ("inference", "mezo-plain") for p in ("qft-mezo", "qft-mezo-rademacher", "qft-mezo-rank1",
                                                        "qft-mezo-rank1-paired")}}
 WORKERS = {"qlora": "qft.bench.worker", "peqa": "qft.bench.worker", "qst": "qft.bench.worker",

@@ -6,6 +6,7 @@ reference per-tensor in-place loop: +eps, forward, -2eps, forward, +eps, update;
 and ``qft-mezo-rank1`` (the same with ±1 or rank-one directions), ``qft-mezo-rank1-paired`` (rank1 with both forwards as
 one forward of the batch twice, ``--zo-paired``), ``qft-sparse-mezo`` (qft
 Sparse-MeZO at density 0.2 over every linear layer: the perturbed values are the selected entries' deltas),
+``qft-sparse-mezo-inplace`` (the same selection on the weights themselves, ``qft.zo.mask.MagnitudeMask``: no deltas),
 ``inference-nf4`` and ``qft-mezo-qlora`` (two forwards of the NF4 model, and MeZO over LoRA on it: ZO at 4-bit
 inference memory, ``--zo-adapter qlora``).
 """
@@ -88,11 +89,19 @@ def build_step(path: str, model, batch: int, seq: int, rank: int = 16):
 
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
+    mask_fn = None
+    if path == "qft-sparse-mezo-inplace":  # the decoder's weight matrices themselves, masked by magnitude
+        from qft.zo.mask import MagnitudeMask
+
+        mats = [p for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2]
+        for p in model.parameters():
+            p.requires_grad_(any(p is m for m in mats))
+        mask_fn = MagnitudeMask(mats, density=0.2)
     params = [p for p in model.parameters() if p.requires_grad]  # all weights; Sparse-MeZO: its deltas
     loss_fn = lambda: model(input_ids=ids, labels=ids, use_cache=False).loss  # noqa: E731
     dist = {"qft-mezo-rademacher": "rademacher", "qft-mezo-rank1": "rank1",
             "qft-mezo-rank1-paired": "rank1"}.get(path, "gaussian")
-    opt = ZoSGD(params, lr=1e-7, seed=0, dist=dist)
+    opt = ZoSGD(params, lr=1e-7, seed=0, dist=dist, mask_fn=mask_fn)
 
     def step_inference():
         with torch.no_grad():
@@ -113,7 +122,7 @@ def build_step(path: str, model, batch: int, seq: int, rank: int = 16):
 
     def step_qft():
         seed = opt.step_seed()
-        g, _ = zo_projected_grad(model, params, seed, 1e-3, loss_fn, dist=dist)
+        g, _ = zo_projected_grad(model, params, seed, 1e-3, loss_fn, mask_fn, dist=dist)
         opt.record(seed, g.item())
         opt.step()
 

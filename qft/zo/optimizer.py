@@ -25,6 +25,9 @@ class ZoSGD(torch.optim.Optimizer):
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        if weight_decay and getattr(mask_fn, "in_kernel", False):
+            raise QftError("weight decay would move the weights a magnitude mask leaves out (and change the mask "
+                           "before the update)", "pass --weight-decay 0 with an in-place Sparse-MeZO mask")
         self.mask_fn, self.dist = mask_fn, dist
         self.zo_state = {"t": 0, "seed": int(seed), "history": []}
         self._pending: list[tuple[int, float]] = []

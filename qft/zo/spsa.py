@@ -29,6 +29,7 @@ from torch import nn
 
 from qft.errors import QftError
 from qft.zo import lowrank, triton_ops
+from qft.zo.mask import select
 
 MaskFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 _MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio (Knuth's multiplicative hashing constant)
@@ -74,7 +75,7 @@ def direction_piece(p: torch.Tensor, step_seed: int, index: int, piece: int, sta
         else:
             z = torch.randn(stop - start, generator=g, device=p.device, dtype=p.dtype)
     if mask_fn is not None:
-        mask = mask_fn(p.detach().reshape(-1)[start:stop])
+        mask = select(mask_fn, p, p.detach().reshape(-1)[start:stop])
         if mask is not None:
             z.mul_(mask)
     return z
@@ -84,7 +85,8 @@ def direction(p: torch.Tensor, step_seed: int, index: int, mask_fn: MaskFn | Non
               dist: str = "gaussian") -> torch.Tensor:
     """The whole z of tensor ``index`` (for references and tests; the training path works piece by piece)."""
     if triton_ops.usable(p, mask_fn) and not _rank1(p, dist):
-        return triton_ops.direction(p, tensor_seed(step_seed, index), _dense(dist)).to(p.dtype)
+        z = triton_ops.direction(p, tensor_seed(step_seed, index), _dense(dist)).to(p.dtype)
+        return z if mask_fn is None else z * select(mask_fn, p, p.detach())
     parts = [direction_piece(p, step_seed, index, k, a, b, mask_fn, dist) for k, a, b in _pieces(p.numel())]
     return torch.cat(parts).view(p.shape) if parts else torch.empty_like(p)
 
@@ -96,7 +98,8 @@ def perturbed_copy(p: torch.Tensor, step_seed: int, index: int, scale: float,
     On CUDA the fused Triton kernel does it in one pass (:mod:`qft.zo.triton_ops`); a matrix under ``rank1``
     that no hook can take gets its u·vᵀ here, piece by piece."""
     if triton_ops.usable(p, mask_fn) and not _rank1(p, dist):
-        return triton_ops.perturbed_copy(p, tensor_seed(step_seed, index), scale, _dense(dist))
+        return triton_ops.perturbed_copy(p, tensor_seed(step_seed, index), scale, _dense(dist),
+                                         _thresholds(mask_fn, [p]))
     out = p.detach().clone()
     flat = out.view(-1)
     for k, a, b in _pieces(p.numel()):
@@ -128,6 +131,11 @@ def _runner(name: str, holder: nn.Module, modules: dict[str, nn.Module]) -> nn.M
     return holder
 
 
+def _thresholds(mask_fn, ps) -> list[float] | None:
+    """The per-tensor thresholds a fused kernel compares with (:class:`qft.zo.mask.MagnitudeMask`), or None."""
+    return None if mask_fn is None else [mask_fn.threshold(p) for p in ps]
+
+
 def perturbed_copies(ps: Sequence[torch.Tensor], step_seed: int, indices: Sequence[int], scale: float,
                      mask_fn: MaskFn | None = None, dist: str = "gaussian") -> list[torch.Tensor]:
     """:func:`perturbed_copy` of each tensor; those the fused kernel takes go in one launch per dtype."""
@@ -135,7 +143,8 @@ def perturbed_copies(ps: Sequence[torch.Tensor], step_seed: int, indices: Sequen
     fused = [k for k, p in enumerate(ps) if triton_ops.usable(p, mask_fn) and not _rank1(p, dist)]
     if fused:
         copies = triton_ops.perturbed_copies([ps[k] for k in fused],
-                                             [tensor_seed(step_seed, indices[k]) for k in fused], scale, _dense(dist))
+                                             [tensor_seed(step_seed, indices[k]) for k in fused], scale, _dense(dist),
+                                             _thresholds(mask_fn, [ps[k] for k in fused]))
         for k, c in zip(fused, copies):
             out[k] = c
     for k, p in enumerate(ps):
@@ -413,7 +422,8 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
             decay = [bool(decay_mask[i]) for i in fused] if decay_mask is not None else None
             for j, (seed, g) in enumerate(seeds_and_grads):
                 triton_ops.axpby_multi_([params[i] for i in fused], [tensor_seed(seed, i) for i in fused], -lr * g,
-                                        keep if j == 0 else 1.0, decay, _dense(dist))
+                                        keep if j == 0 else 1.0, decay, _dense(dist),
+                                        _thresholds(mask_fn, [params[i] for i in fused]))
         done = set(fused) | set(ranked)
         rest = [i for i in range(len(params)) if i not in done]
         _torch_update(params, rest, seeds_and_grads, lr, weight_decay, decay_mask, mask_fn, bucket_bytes, dist)

@@ -59,6 +59,9 @@ class ZoArguments:
                            "use the LM loss or --zo-objective label-words, or leave --zo-paired off")
         if self.samples < 1:
             raise QftError(f"zo samples must be at least 1, got {self.samples}", "pass --zo-samples 1 or more")
+        if self.samples > 1 and getattr(self.mask_fn, "in_kernel", False):  # qft.zo.mask.MagnitudeMask
+            raise QftError("a magnitude mask recomputed from the weights takes one direction a step (a second "
+                           "direction's update would see weights the first one moved)", "pass --zo-samples 1")
 
 
 def _all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

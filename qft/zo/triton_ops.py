@@ -22,8 +22,8 @@ Two things keep the step cheap on a GPU:
 z is a deterministic function of (seed, element index) alone, not of the launch: regenerating it for the
 update, in another grouping, or after a resume gives the same numbers. The kernels draw a different z than
 the torch path (another generator), so a tensor must always go through the same path; :func:`usable`
-decides it from the tensor alone (CUDA, floating point, contiguous, no mask), so the forward perturbations
-and the update of one step always agree.
+decides it from the tensor alone (CUDA, floating point, contiguous, no mask or one the kernels compare
+in-register), so the forward perturbations and the update of one step always agree.
 
 The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``) on CPU tensors, which is how
 ``tests/test_zo_triton_interpret.py`` checks them without a GPU.
@@ -51,7 +51,10 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def usable(p: torch.Tensor, mask_fn=None) -> bool:
-    return (triton is not None and p.is_cuda and p.is_contiguous() and p.dtype in _FLOATS and mask_fn is None
+    """Whether the fused kernels take ``p`` (CUDA, a float dtype, contiguous): unmasked, or under a mask they compare
+    in-register (``mask_fn.in_kernel``: :class:`qft.zo.mask.MagnitudeMask`)."""
+    return (triton is not None and p.is_cuda and p.is_contiguous() and p.dtype in _FLOATS
+            and (mask_fn is None or getattr(mask_fn, "in_kernel", False))
             and p.numel() < MAX_NUMEL and os.environ.get("QFT_ZO_TRITON", "1") != "0")
 
 
@@ -76,24 +79,29 @@ if triton is not None:
         return base + offset
 
     @triton.jit
-    def _axpy_piece(src, dst, offs, n, keep, scale, z):
+    def _axpy_piece(src, dst, offs, n, keep, scale, z, thr, MASKED: tl.constexpr):
+        """dst = src·keep + scale·z; ``MASKED``: only where |src| <= thr (src elsewhere)."""
         m = offs < n
         x = tl.load(src + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(dst + offs, (x * keep + scale * z).to(dst.dtype.element_ty), mask=m)
+        y = x * keep + scale * z
+        if MASKED:
+            y = tl.where(tl.abs(x) <= thr, y, x)
+        tl.store(dst + offs, y.to(dst.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _sign_piece(src, dst, start, n, keep, scale, word):
+    def _sign_piece(src, dst, start, n, keep, scale, word, thr, MASKED: tl.constexpr):
         """32 x 32 elements from 32 words: element start + 32c + b gets bit b of word c as ±1."""
         c = tl.arange(0, 32)
         b = tl.arange(0, 32)
         bits = (word[:, None] >> b[None, :].to(tl.uint32)) & 1
         z = bits.to(tl.float32) * 2.0 - 1.0
-        _axpy_piece(src, dst, start + c[:, None] * 32 + b[None, :], n, keep, scale, z)
+        _axpy_piece(src, dst, start + c[:, None] * 32 + b[None, :], n, keep, scale, z, thr, MASKED)
 
     @triton.jit
     def _axpby_randn_multi(base, table, n_tensors, numels, block_tensor, block_start, keep, scale,
-                           Q: tl.constexpr, RADEMACHER: tl.constexpr, ALIGN: tl.constexpr):
-        """dst[t] = src[t]·(keep if decay[t] else 1) + scale·z(seed[t]) over one block of 4Q elements."""
+                           Q: tl.constexpr, RADEMACHER: tl.constexpr, ALIGN: tl.constexpr, MASKED: tl.constexpr):
+        """dst[t] = src[t]·(keep if decay[t] else 1) + scale·z(seed[t]) over one block of 4Q elements; ``MASKED``:
+        only where |src[t]| <= threshold[t] (float bits in the table), src[t] elsewhere."""
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
         start = tl.load(block_start + pid)  # int32, a multiple of 4Q
@@ -102,20 +110,23 @@ if triton is not None:
         dst = _entry(base, table, n_tensors + t, ALIGN)
         seed = tl.load(table + 2 * n_tensors + t)
         k = tl.where(tl.load(table + 3 * n_tensors + t) != 0, keep, 1.0)
+        thr = 0.0
+        if MASKED:
+            thr = tl.load(table + 4 * n_tensors + t).to(tl.int32).to(tl.float32, bitcast=True)
         if RADEMACHER:  # Q = 32 x 32: four quarters of 32 words x 32 bits
             w0, w1, w2, w3 = tl.randint4x(seed, start // 128 + tl.arange(0, 32))
-            _sign_piece(src, dst, start, n, k, scale, w0)
-            _sign_piece(src, dst, start + Q, n, k, scale, w1)
-            _sign_piece(src, dst, start + 2 * Q, n, k, scale, w2)
-            _sign_piece(src, dst, start + 3 * Q, n, k, scale, w3)
+            _sign_piece(src, dst, start, n, k, scale, w0, thr, MASKED)
+            _sign_piece(src, dst, start + Q, n, k, scale, w1, thr, MASKED)
+            _sign_piece(src, dst, start + 2 * Q, n, k, scale, w2, thr, MASKED)
+            _sign_piece(src, dst, start + 3 * Q, n, k, scale, w3, thr, MASKED)
         else:
             r = tl.arange(0, Q)
             z0, z1, z2, z3 = tl.randn4x(seed, start // 4 + r)
             offs = start + r
-            _axpy_piece(src, dst, offs, n, k, scale, z0)
-            _axpy_piece(src, dst, offs + Q, n, k, scale, z1)
-            _axpy_piece(src, dst, offs + 2 * Q, n, k, scale, z2)
-            _axpy_piece(src, dst, offs + 3 * Q, n, k, scale, z3)
+            _axpy_piece(src, dst, offs, n, k, scale, z0, thr, MASKED)
+            _axpy_piece(src, dst, offs + Q, n, k, scale, z1, thr, MASKED)
+            _axpy_piece(src, dst, offs + 2 * Q, n, k, scale, z2, thr, MASKED)
+            _axpy_piece(src, dst, offs + 3 * Q, n, k, scale, z3, thr, MASKED)
 
 
     @triton.jit
@@ -184,9 +195,16 @@ def _device_table(values: list[int], device: torch.device) -> torch.Tensor:
     return table.to(device, non_blocking=True)
 
 
+def _float_bits(values: Sequence[float]) -> list[int]:
+    """float32 ``values`` as the int32 bit patterns a kernel reads back from an int64 table."""
+    return torch.tensor([float(v) for v in values], dtype=torch.float32).view(torch.int32).tolist()
+
+
 def _launch(srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor], seeds: Sequence[int], scale: float,
-            keep: float = 1.0, decay: Sequence[bool] | None = None, dist: str = "gaussian") -> None:
-    """One launch over tensors of one dtype and device: ``dsts[t] = srcs[t]·keep_t + scale·z(seeds[t])``."""
+            keep: float = 1.0, decay: Sequence[bool] | None = None, dist: str = "gaussian",
+            thresholds: Sequence[float] | None = None) -> None:
+    """One launch over tensors of one dtype and device: ``dsts[t] = srcs[t]·keep_t + scale·z(seeds[t])``, only where
+    ``|srcs[t]| <= thresholds[t]`` when thresholds are given."""
     if not srcs:
         return
     numels = tuple(s.numel() for s in srcs)
@@ -197,11 +215,13 @@ def _launch(srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor], seeds: S
     flags = [1 if d else 0 for d in decay] if decay is not None else [0] * n
     base = srcs[0]
     offsets, align = _offsets(base, list(srcs) + list(dsts))
-    table = _device_table(offsets + [_seed32(s) for s in seeds] + flags, device)
+    table = _device_table(offsets + [_seed32(s) for s in seeds] + flags
+                          + (_float_bits(thresholds) if thresholds is not None else []), device)
     sizes, tensor_of, start = _block_map(numels, device)
     with _on(device):  # the launch goes to the current device: make it the tensors' one (layers spread over GPUs)
         _axpby_randn_multi[(tensor_of.numel(),)](base, table, n, sizes, tensor_of, start, float(keep), float(scale),
-                                                 Q=QUARTER, RADEMACHER=dist == "rademacher", ALIGN=align)
+                                                 Q=QUARTER, RADEMACHER=dist == "rademacher", ALIGN=align,
+                                                 MASKED=thresholds is not None)
 
 
 def _on(device: torch.device):
@@ -216,8 +236,9 @@ def _by_kind(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
 
 
 def perturbed_copies(tensors: Sequence[torch.Tensor], seeds: Sequence[int], scale: float,
-                     dist: str = "gaussian") -> list[torch.Tensor]:
-    """New tensors ``θ_t + scale·z(seed_t)``, one launch per dtype; each group's copies share one buffer."""
+                     dist: str = "gaussian", thresholds: Sequence[float] | None = None) -> list[torch.Tensor]:
+    """New tensors ``θ_t + scale·z(seed_t)``, one launch per dtype; each group's copies share one buffer. With
+    ``thresholds``, z only where ``|θ_t| <= thresholds[t]`` (:class:`qft.zo.mask.MagnitudeMask`)."""
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for (device, dtype), idx in _by_kind(tensors).items():
         srcs = [tensors[i].detach() for i in idx]
@@ -226,26 +247,31 @@ def perturbed_copies(tensors: Sequence[torch.Tensor], seeds: Sequence[int], scal
         for s in srcs:
             views.append(buf[at:at + s.numel()].view(s.shape))
             at += s.numel()
-        _launch(srcs, views, [seeds[i] for i in idx], scale, dist=dist)
+        _launch(srcs, views, [seeds[i] for i in idx], scale, dist=dist,
+                thresholds=None if thresholds is None else [thresholds[i] for i in idx])
         for i, v in zip(idx, views):
             out[i] = v
     return out
 
 
 def axpby_multi_(tensors: Sequence[torch.Tensor], seeds: Sequence[int], scale: float, keep: float = 1.0,
-                 decay: Sequence[bool] | None = None, dist: str = "gaussian") -> None:
+                 decay: Sequence[bool] | None = None, dist: str = "gaussian",
+                 thresholds: Sequence[float] | None = None) -> None:
     """In place: ``θ_t ← keep_t·θ_t + scale·z(seed_t)`` with ``keep_t = keep`` where ``decay[t]``, else 1
-    (the ZO-SGD update with decoupled weight decay folded in), one launch per dtype."""
+    (the ZO-SGD update with decoupled weight decay folded in), one launch per dtype; with ``thresholds``, only
+    the entries with ``|θ_t| <= thresholds[t]`` before the update."""
     if any(not t.is_contiguous() for t in tensors):
         raise ValueError("the fused ZO update needs contiguous parameters")
     for idx in _by_kind(tensors).values():
         ts = [tensors[i].detach() for i in idx]
-        _launch(ts, ts, [seeds[i] for i in idx], scale, keep, None if decay is None else [decay[i] for i in idx], dist)
+        _launch(ts, ts, [seeds[i] for i in idx], scale, keep, None if decay is None else [decay[i] for i in idx], dist,
+                None if thresholds is None else [thresholds[i] for i in idx])
 
 
-def perturbed_copy(p: torch.Tensor, seed: int, scale: float, dist: str = "gaussian") -> torch.Tensor:
+def perturbed_copy(p: torch.Tensor, seed: int, scale: float, dist: str = "gaussian",
+                   thresholds: Sequence[float] | None = None) -> torch.Tensor:
     """A new tensor θ + scale·z (one read of θ, one write)."""
-    return perturbed_copies([p.detach().contiguous()], [seed], scale, dist)[0]
+    return perturbed_copies([p.detach().contiguous()], [seed], scale, dist, thresholds)[0]
 
 
 def axpby_(p: torch.Tensor, seed: int, scale: float, keep: float = 1.0, dist: str = "gaussian") -> None:
@@ -293,7 +319,7 @@ def addr_multi_(outs: Sequence[torch.Tensor], a: Sequence[torch.Tensor], b: Sequ
         if any(a[i].dtype != dtype or b[i].dtype != dtype or not a[i].is_contiguous() or not b[i].is_contiguous()
                for i in idx):
             raise ValueError("addr_multi_ needs contiguous factors in their matrix's dtype")
-        bits = torch.tensor([float(betas[i]) for i in idx], dtype=torch.float32).view(torch.int32).tolist()
+        bits = _float_bits([betas[i] for i in idx])
         base = outs[idx[0]]
         offsets, align = _offsets(base, [outs[i] for i in idx] + [a[i] for i in idx] + [b[i] for i in idx])
         table = _device_table(offsets + bits, device)
