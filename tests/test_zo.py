@@ -649,3 +649,21 @@ def test_a_magnitude_mask_refuses_weight_decay_and_several_directions():
         ZoArguments(samples=2, mask_fn=mask)
     with pytest.raises(ValueError, match="not built for this tensor"):
         mask.threshold(torch.zeros(2, 2))
+
+
+def test_sparse_mezo_in_place_in_the_trainer(tmp_path):
+    """The README's recipe: the decoder matrices trainable, the rest frozen, MagnitudeMask as the trainer's mask_fn."""
+    from qft.zo.mask import MagnitudeMask
+
+    trainer = _zo_trainer(tmp_path, max_steps=150, lr=1e-2)
+    mats = _decoder_matrices(trainer.model)
+    trainer.zo.mask_fn = mask = MagnitudeMask(mats, density=0.3)
+    before = [p.detach().clone() for p in mats]
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    loss = _loss(trainer.model)
+    trainer.train()
+    assert trainer.optimizer.optimizer.mask_fn is mask
+    assert _loss(trainer.model) < loss - 0.05
+    for p, b in zip(mats, before):
+        assert not ((p.detach() != b) & (b.abs() > mask.threshold(p))).any()
+    assert all(torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters() if n in frozen)
