@@ -89,6 +89,10 @@ class FinetuneConfig:
         "help": "MeZO: both perturbed forwards as one forward of the batch twice (half the per-step Python and "
                 "kernel launches, which bound a small model's step on a GPU; twice the activations, but at the "
                 "Llama-3-8B shape the fastest ZO step, under the inference peak)."})
+    sparse_mezo_inplace: bool = field(default=False, metadata={
+        "help": "Sparse-MeZO on the weights themselves (qft.zo.mask.MagnitudeMask: |θ_t| <= each layer's threshold, "
+                "the paper's mask) instead of a PEFT adapter's float32 deltas: inference memory; saves the whole "
+                "model, as --method mezo does."})
     zo_adapter: str | None = field(default=None, metadata={
         "help": "MeZO over an adapter instead of every weight: 'lora' (LoRA on the float base), 'qlora' (LoRA on "
                 "an NF4 base: ZO at 4-bit inference memory), 'peqa' (the quantization scales) or 'spiel' (sparse "
@@ -152,6 +156,9 @@ class FinetuneConfig:
         if self.zo_paired and self.method not in ("mezo", "sparse-mezo"):
             raise QftError(f"--zo-paired applies to mezo and sparse-mezo, not {self.method}",
                            "leave --zo-paired out, or pass --method mezo")
+        if self.sparse_mezo_inplace and self.method != "sparse-mezo":
+            raise QftError(f"--sparse-mezo-inplace applies to sparse-mezo, not {self.method}",
+                           "leave --sparse-mezo-inplace out, or pass --method sparse-mezo")
         if self.zo_adapter is not None:
             from qft.adapters.mezo import ZO_ADAPTERS
 

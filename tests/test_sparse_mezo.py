@@ -112,3 +112,39 @@ def test_effective_weight_matches_boolean_indexing_reference_and_grads():
         (x @ fn().T).pow(2).sum().backward()
         grads.append(m.sparse_mezo_delta["default"].grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_cli_in_place_moves_only_small_entries_of_the_targets_and_saves_the_model(tiny_model_dir, jsonl, tmp_path):
+    """`--sparse-mezo-inplace`: MeZO on the targeted weights themselves under MagnitudeMask; the saved whole model
+    differs from the base only at entries of targeted matrices that started under their layer's threshold."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qft.cli.main import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(jsonl("text")),
+                                   "--method", "sparse-mezo", "--sparse-mezo-inplace", "--output", str(out),
+                                   "--max-steps", "6", "--batch-size", "4", "--learning-rate", "1e-2",
+                                   "--target-modules", "q_proj,down_proj", "--density", "0.3"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "qft_run.json").read_text())["config"]["sparse_mezo_inplace"] is True
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    trained = load_file(out / "model.safetensors")
+    changed = set()
+    for name, w in trained.items():
+        w0 = base[name]
+        if torch.equal(w, w0):
+            continue
+        changed.add(name)
+        assert name.endswith(("q_proj.weight", "down_proj.weight")), name
+        moved = w != w0
+        assert not (moved & (w0.abs() > magnitude_threshold(w0, 0.3))).any(), name
+    assert changed  # every targeted matrix of the tiny model took steps
+    bad = [("--method", "mezo"), ("--weight-decay", "0.1"), ("--zo-samples", "2")]
+    for flag, value in bad:
+        args = ["finetune", "--model", str(tiny_model_dir), "--data", str(jsonl("text")), "--method", "sparse-mezo",
+                "--sparse-mezo-inplace", "--output", str(tmp_path / flag), "--max-steps", "2", flag, value]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code != 0 and "Traceback" not in res.output, (flag, res.output)
+        assert len([ln for ln in res.output.splitlines() if ln.startswith("error:")]) == 1, res.output

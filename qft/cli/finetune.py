@@ -68,6 +68,8 @@ def finetune_command(
     zo_distribution: Optional[str] = typer.Option(None, "--zo-distribution", help=H("zo_distribution")),
     zo_paired: Optional[bool] = typer.Option(None, "--zo-paired/--no-zo-paired", help=H("zo_paired")),
     zo_adapter: Optional[str] = typer.Option(None, "--zo-adapter", help=H("zo_adapter")),
+    sparse_mezo_inplace: Optional[bool] = typer.Option(None, "--sparse-mezo-inplace/--sparse-mezo-adapter",
+                                                       help=H("sparse_mezo_inplace")),
     eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help=H("eval_steps")),
     early_stopping_patience: Optional[int] = typer.Option(None, "--early-stopping-patience",
                                                           help=H("early_stopping_patience")),

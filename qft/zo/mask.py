@@ -45,15 +45,24 @@ class MagnitudeMask:
 
     in_kernel = True  # the fused kernels take it (a per-tensor threshold), not only the torch path
 
-    def __init__(self, params, density: float):
-        self.thresholds = {id(p): float(magnitude_threshold(p, density)) for p in params}
+    def __init__(self, params=None, density: float = 0.2):
+        self.density, self.thresholds = density, {}
+        if params is not None:
+            self.build(params)
+
+    def build(self, params) -> "MagnitudeMask":
+        """Fix the thresholds from ``params`` as they stand (the starting weights). A mask made without params gets
+        them here, so it can be handed to a trainer before the model is loaded."""
+        self.thresholds = {id(p): float(magnitude_threshold(p, self.density)) for p in params}
+        return self
 
     def threshold(self, p: torch.Tensor) -> float:
         """``h`` of tensor ``p`` (one of the tensors the mask was built for)."""
         try:
             return self.thresholds[id(p)]
         except KeyError:
-            raise ValueError("MagnitudeMask was not built for this tensor: build it from the tensors ZO tunes") from None
+            raise ValueError("MagnitudeMask was not built for this tensor: build it from the tensors ZO tunes "
+                             "(and make them the only trainable ones)") from None
 
     def select(self, p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """The selected entries among ``values`` (a piece of ``p``, as it stands now)."""

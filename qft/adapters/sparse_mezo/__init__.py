@@ -36,5 +36,46 @@ def plan(cfg) -> MethodPlan:
     from qft.adapters.mezo import zo_plan
     from qft.adapters.qlora import lora_targets
 
-    return zo_plan(cfg, SparseMezoConfig(density=parse_fraction(cfg.density, 0.2),
-                                         target_modules=lora_targets(cfg.target_modules), task_type="CAUSAL_LM"))
+    config = SparseMezoConfig(density=parse_fraction(cfg.density, 0.2), target_modules=lora_targets(cfg.target_modules),
+                              task_type="CAUSAL_LM")
+    if getattr(cfg, "sparse_mezo_inplace", False):
+        return inplace_plan(zo_plan(cfg, None), config)
+    return zo_plan(cfg, config)
+
+
+def target_weights(model, config: SparseMezoConfig) -> list:
+    """The weights of the linear layers ``config`` targets in ``model``, chosen as peft chooses them for the adapter
+    ('all-linear': every linear layer but the output layer)."""
+    import copy
+
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+    from torch import nn
+
+    config = _maybe_include_all_linear_layers(copy.copy(config), model)
+    return [m.weight for name, m in model.named_modules()
+            if name and type(m) is nn.Linear and check_target_module_exists(config, name)]
+
+
+def inplace_plan(zo: MethodPlan, config: SparseMezoConfig) -> MethodPlan:
+    """``--sparse-mezo-inplace``: the ZO plan over the whole model (saved whole), with only the targeted weights
+    trainable and :class:`qft.zo.mask.MagnitudeMask` as the mask: no delta tensors, inference memory. The mask is
+    handed to the trainer now and gets its thresholds from the starting weights once they are loaded."""
+    import dataclasses
+    import functools
+
+    from qft.zo.mask import MagnitudeMask
+
+    mask = MagnitudeMask(density=config.density)
+    args = dataclasses.replace(zo.trainer_cls.keywords["zo"], mask_fn=mask)  # checks what the mask refuses
+
+    def after_load(model):
+        mats = target_weights(model, config)
+        if not mats:
+            raise QftError(f"--target-modules {config.target_modules!r} match no float linear layer of the model",
+                           "pass names of its linear layers (e.g. q_proj,v_proj) or 'all-linear'")
+        chosen = {id(p) for p in mats}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in chosen)
+        mask.build(mats)
+
+    return dataclasses.replace(zo, trainer_cls=functools.partial(zo.trainer_cls.func, zo=args), after_load=after_load)
