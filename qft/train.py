@@ -91,8 +91,8 @@ class FinetuneConfig:
                 "Llama-3-8B shape the fastest ZO step, under the inference peak)."})
     sparse_mezo_inplace: bool = field(default=False, metadata={
         "help": "Sparse-MeZO on the weights themselves (qft.zo.mask.MagnitudeMask: |θ_t| <= each layer's threshold, "
-                "the paper's mask) instead of a PEFT adapter's float32 deltas: inference memory; saves the whole "
-                "model, as --method mezo does."})
+                "the paper's mask) instead of a PEFT adapter's float32 deltas: inference memory; saves the same "
+                "sparse adapter (needs the base's safetensors files)."})
     zo_adapter: str | None = field(default=None, metadata={
         "help": "MeZO over an adapter instead of every weight: 'lora' (LoRA on the float base), 'qlora' (LoRA on "
                 "an NF4 base: ZO at 4-bit inference memory), 'peqa' (the quantization scales) or 'spiel' (sparse "
@@ -339,11 +339,15 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
     log(f"{metric_name} after training:  {after:.4f}")
 
     stats = {**metrics.summary, "train_loss": train_out.training_loss, "steps": trainer.state.global_step}
+    saves_adapter = plan.peft_config is not None or plan.export is not None
     stats["world_size"] = distributed.world_size()  # data-parallel processes that trained
     if distributed.is_main_process():  # one writer; the other ranks hold the same weights
-        with publishing(out, "adapter" if plan.peft_config is not None else "model") as staging:
-            trainer.model.save_pretrained(staging)
-            if plan.peft_config is None:  # a whole model: make the folder self-contained
+        with publishing(out, "adapter" if saves_adapter else "model") as staging:
+            if plan.export is not None:
+                plan.export(trainer.model, staging)
+            else:
+                trainer.model.save_pretrained(staging)
+            if not saves_adapter:  # a whole model: make the folder self-contained
                 tok.save_pretrained(staging)
             if plan.describe_base is not None:
                 write_json_atomic(staging / QUANT_FILE, {"base_model": base_name, **plan.describe_base()})
@@ -360,5 +364,5 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, progress: 
     return FinetuneResult(
         output=out, adapter_bytes=sum(f.stat().st_size for f in out.glob("*.safetensors")), metric_name=metric_name,
         metric_before=before, metric_after=after, train_loss=train_out.training_loss, seconds=time.time() - start,
-        base_model=base_name if cfg.model else model_id, stats=stats, is_adapter=plan.peft_config is not None,
+        base_model=base_name if cfg.model else model_id, stats=stats, is_adapter=saves_adapter,
     )

@@ -114,14 +114,30 @@ def test_effective_weight_matches_boolean_indexing_reference_and_grads():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_cli_in_place_moves_only_small_entries_of_the_targets_and_saves_the_model(tiny_model_dir, jsonl, tmp_path):
-    """`--sparse-mezo-inplace`: MeZO on the targeted weights themselves under MagnitudeMask; the saved whole model
-    differs from the base only at entries of targeted matrices that started under their layer's threshold."""
-    from safetensors.torch import load_file
+def test_cli_in_place_trains_the_weights_and_saves_the_sparse_adapter(tiny_model_dir, jsonl, tmp_path, monkeypatch):
+    """`--sparse-mezo-inplace`: MeZO on the targeted weights themselves under MagnitudeMask. Only entries of targeted
+    matrices that started under their layer's threshold move, and the saved PEFT Sparse-MeZO adapter, loaded on the
+    base, gives the trained weights."""
+    import dataclasses
+
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from qft.adapters import sparse_mezo
     from qft.cli.main import app
 
+    trained = {}
+    plan = sparse_mezo.inplace_plan
+
+    def keeping_the_trained_weights(zo, config):  # what the run trained, before the export turns it into an adapter
+        p = plan(zo, config)
+
+        def export(model, folder):
+            trained.update({n: t.detach().clone() for n, t in model.state_dict().items()})
+            p.export(model, folder)
+        return dataclasses.replace(p, export=export)
+
+    monkeypatch.setattr(sparse_mezo, "inplace_plan", keeping_the_trained_weights)
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(jsonl("text")),
                                    "--method", "sparse-mezo", "--sparse-mezo-inplace", "--output", str(out),
@@ -129,22 +145,44 @@ def test_cli_in_place_moves_only_small_entries_of_the_targets_and_saves_the_mode
                                    "--target-modules", "q_proj,down_proj", "--density", "0.3"])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "qft_run.json").read_text())["config"]["sparse_mezo_inplace"] is True
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
-    trained = load_file(out / "model.safetensors")
-    changed = set()
-    for name, w in trained.items():
-        w0 = base[name]
-        if torch.equal(w, w0):
-            continue
-        changed.add(name)
-        assert name.endswith(("q_proj.weight", "down_proj.weight")), name
-        moved = w != w0
-        assert not (moved & (w0.abs() > magnitude_threshold(w0, 0.3))).any(), name
-    assert changed  # every targeted matrix of the tiny model took steps
-    bad = [("--method", "mezo"), ("--weight-decay", "0.1"), ("--zo-samples", "2")]
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "SPARSE_MEZO"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    start = {n: t.clone() for n, t in base.state_dict().items()}
+    changed = [n for n, t in trained.items() if not torch.equal(t, start[n])]
+    assert changed and all(n.endswith(("q_proj.weight", "down_proj.weight")) for n in changed), changed
+    for n in changed:
+        moved = trained[n] != start[n]
+        assert not (moved & (start[n].abs() > magnitude_threshold(start[n], 0.3))).any(), n
+    loaded = PeftModel.from_pretrained(base, out)
+    layers = {n: m for n, m in loaded.base_model.model.named_modules() if isinstance(m, SparseMezoLinear)}
+    assert sorted(layers) == sorted(n.rsplit(".", 1)[0] for n in trained if n.endswith(("q_proj.weight",
+                                                                                          "down_proj.weight")))
+    for name, layer in layers.items():
+        torch.testing.assert_close(layer.effective_weight(), trained[name + ".weight"], rtol=0, atol=1e-7)
+
+
+def test_cli_in_place_refuses_what_the_mask_cannot_take(tiny_model_dir, jsonl, tmp_path):
+    from qft.cli.main import app
+
+    bad = [("--method", "mezo"), ("--weight-decay", "0.1"), ("--zo-samples", "2"), ("--target-modules", "nothing")]
     for flag, value in bad:
         args = ["finetune", "--model", str(tiny_model_dir), "--data", str(jsonl("text")), "--method", "sparse-mezo",
                 "--sparse-mezo-inplace", "--output", str(tmp_path / flag), "--max-steps", "2", flag, value]
         res = CliRunner().invoke(app, args)
         assert res.exit_code != 0 and "Traceback" not in res.output, (flag, res.output)
         assert len([ln for ln in res.output.splitlines() if ln.startswith("error:")]) == 1, res.output
+
+
+def test_in_place_needs_the_bases_safetensors_files_before_training(tmp_path):
+    """The adapter is saved against W_0 read back from the base's files: a base without them fails at load, in one
+    line, not after training."""
+    from qft.adapters.mezo import zo_plan
+    from qft.adapters.sparse_mezo import inplace_plan
+    from qft.train import FinetuneConfig
+
+    model = tiny_model("llama")
+    model.name_or_path = str(tmp_path)  # a folder without a checkpoint
+    plan = inplace_plan(zo_plan(FinetuneConfig(method="sparse-mezo", sparse_mezo_inplace=True), None),
+                        SparseMezoConfig(density=0.2, target_modules="all-linear"))
+    with pytest.raises(QftError, match="safetensors files"):
+        plan.after_load(model)

@@ -22,4 +22,5 @@ class MethodPlan:
     sft_overrides: dict = field(default_factory=dict)  # extra SFTConfig fields (e.g. optim for ZO methods)
     describe_base: Callable[[], dict] | None = None  # the base's quantization record, saved beside the adapter
     after_load: Callable[[Any], None] | None = None  # e.g. lean kernels
+    export: Callable[[Any, Any], None] | None = None  # (trained model, folder): writes an adapter there itself
     default_lr: float = 5e-4  # used when the user gives no --learning-rate

@@ -13,6 +13,7 @@ from qft.adapters.sparse_mezo.config import SparseMezoConfig
 from qft.adapters.sparse_mezo.layer import SparseMezoLinear
 from qft.adapters.sparse_mezo.model import SparseMezoModel
 from qft.errors import QftError
+from qft.zo.mask import magnitude_threshold
 from qft.registry import register_method
 
 register_method(name="sparse_mezo", config_cls=SparseMezoConfig, model_cls=SparseMezoModel)
@@ -56,10 +57,40 @@ def target_weights(model, config: SparseMezoConfig) -> list:
             if name and type(m) is nn.Linear and check_target_module_exists(config, name)]
 
 
+def checkpoint_files(source: str) -> dict:
+    """{checkpoint key: the safetensors file holding it} of a local model folder or a Hub id in the local cache; empty
+    when there are none (a .bin checkpoint, a model built in memory)."""
+    import json
+    from pathlib import Path
+
+    path = Path(source)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(source, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
+        except Exception:  # not cached, not a repo id: nothing to read back
+            return {}
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return {key: path / name for key, name in json.loads(index.read_text())["weight_map"].items()}
+    single = path / "model.safetensors"
+    if not single.exists():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return {key: single for key in f.keys()}
+
+
 def inplace_plan(zo: MethodPlan, config: SparseMezoConfig) -> MethodPlan:
-    """``--sparse-mezo-inplace``: the ZO plan over the whole model (saved whole), with only the targeted weights
-    trainable and :class:`qft.zo.mask.MagnitudeMask` as the mask: no delta tensors, inference memory. The mask is
-    handed to the trainer now and gets its thresholds from the starting weights once they are loaded."""
+    """``--sparse-mezo-inplace``: the ZO plan over the whole model with only the targeted weights trainable and
+    :class:`qft.zo.mask.MagnitudeMask` as the mask: no delta tensors, inference memory. The mask is handed to the
+    trainer now and gets its thresholds from the starting weights once they are loaded.
+
+    The result is saved as the PEFT method's sparse adapter: every entry that changed started under its layer's
+    threshold, so the delta ``W_T - W_0`` on ``|W_0| <= h`` holds the whole change. ``W_0`` is read back from the base's
+    safetensors files (checked on load, so a base without them fails before training, in one line)."""
     import dataclasses
     import functools
 
@@ -67,15 +98,59 @@ def inplace_plan(zo: MethodPlan, config: SparseMezoConfig) -> MethodPlan:
 
     mask = MagnitudeMask(density=config.density)
     args = dataclasses.replace(zo.trainer_cls.keywords["zo"], mask_fn=mask)  # checks what the mask refuses
+    sources: dict[str, tuple] = {}  # module name -> (checkpoint key, file)
 
     def after_load(model):
+        names = {id(m.weight): name for name, m in model.named_modules() if name and hasattr(m, "weight")}
         mats = target_weights(model, config)
         if not mats:
             raise QftError(f"--target-modules {config.target_modules!r} match no float linear layer of the model",
                            "pass names of its linear layers (e.g. q_proj,v_proj) or 'all-linear'")
+        files = checkpoint_files(getattr(model, "name_or_path", ""))
+        for p in mats:
+            key = names[id(p)] + ".weight"
+            if key not in files:
+                raise QftError(f"--sparse-mezo-inplace saves its adapter against the base's safetensors files, and "
+                               f"{model.name_or_path or 'this model'} has none holding {key}",
+                               "leave --sparse-mezo-inplace out (the PEFT Sparse-MeZO), or save the base with "
+                               "save_pretrained first")
+            sources[names[id(p)]] = (key, files[key])
         chosen = {id(p) for p in mats}
         for p in model.parameters():
             p.requires_grad_(id(p) in chosen)
         mask.build(mats)
 
-    return dataclasses.replace(zo, trainer_cls=functools.partial(zo.trainer_cls.func, zo=args), after_load=after_load)
+    def export(model, folder):
+        import torch
+        from peft import get_peft_model
+        from safetensors import safe_open
+
+        from qft.zo.mask import small_magnitude_mask
+
+        dtype = getattr(torch, config.delta_dtype)
+
+        def start(name):  # W_0 of a target, read back from the base's file (the loaded base, cast as it was)
+            key, path = sources[name]
+            w = model.get_submodule(name).weight
+            with safe_open(str(path), "pt") as f:
+                return w, f.get_tensor(key).to(device=w.device, dtype=w.dtype)
+
+        deltas = {}
+        with torch.no_grad():
+            for name in sources:  # every delta and check first: a failed check leaves the trained weights as they are
+                w, w0 = start(name)
+                selected = small_magnitude_mask(w0, magnitude_threshold(w0, config.density))
+                if not torch.equal(w[~selected], w0[~selected]):
+                    raise QftError(f"{name} changed outside the entries its mask allows, or the base's file is not "
+                                   "the base that trained", "report this; the trained weights were not saved")
+                deltas[name] = w[selected].to(dtype) - w0[selected].to(dtype)  # row-major, as the adapter numbers them
+            for name in sources:
+                w, w0 = start(name)
+                w.copy_(w0)
+            wrapped = get_peft_model(model, config)  # on the starting weights: the same thresholds and selections
+            for name, delta in deltas.items():
+                wrapped.base_model.model.get_submodule(name).sparse_mezo_delta["default"].copy_(delta)
+        wrapped.save_pretrained(folder)
+
+    return dataclasses.replace(zo, trainer_cls=functools.partial(zo.trainer_cls.func, zo=args), after_load=after_load,
+                               export=export)
