@@ -186,3 +186,32 @@ def test_in_place_needs_the_bases_safetensors_files_before_training(tmp_path):
                         SparseMezoConfig(density=0.2, target_modules="all-linear"))
     with pytest.raises(QftError, match="safetensors files"):
         plan.after_load(model)
+
+
+@pytest.mark.parametrize("weightless", [False, True])
+def test_cli_in_place_resumes_bit_exactly(tiny_model_dir, jsonl, tmp_path, weightless):
+    """A run continued from its checkpoint-2 (with its weights, or rebuilt from the optimizer state by replay) saves
+    the same adapter as the run that went straight to step 4: the thresholds come from the base, not the checkpoint."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from qft.cli.main import app
+
+    def run(out, *extra):
+        res = CliRunner().invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(jsonl("text")),
+                                       "--method", "sparse-mezo", "--sparse-mezo-inplace", "--output", str(out),
+                                       "--max-steps", "4", "--save-steps", "2", "--batch-size", "4",
+                                       "--learning-rate", "1e-2", *extra])
+        assert res.exit_code == 0, res.output
+
+    run(tmp_path / "full")
+    part = tmp_path / "part" / "checkpoints"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-2", part / "checkpoint-2")
+    if weightless:
+        (part / "checkpoint-2" / "model.safetensors").unlink()
+    run(tmp_path / "part", "--resume", "auto")
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "part" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(bool(v.any()) for k, v in a.items() if "delta" in k)
