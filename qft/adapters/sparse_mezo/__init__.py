@@ -13,8 +13,8 @@ from qft.adapters.sparse_mezo.config import SparseMezoConfig
 from qft.adapters.sparse_mezo.layer import SparseMezoLinear
 from qft.adapters.sparse_mezo.model import SparseMezoModel
 from qft.errors import QftError
-from qft.zo.mask import magnitude_threshold
 from qft.registry import register_method
+from qft.zo.mask import magnitude_threshold
 
 register_method(name="sparse_mezo", config_cls=SparseMezoConfig, model_cls=SparseMezoModel)
 
