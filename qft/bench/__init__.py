@@ -53,7 +53,7 @@ SUITES = {
         "qft-mezo-rank1": "qft MeZO with rank-one directions u·vᵀ per matrix (--zo-distribution rank1): forward hooks add the perturbation to each output, no weight copies",
         "qft-mezo-rank1-paired": "qft MeZO rank1 with --zo-paired: both perturbed forwards as one forward of the batch twice (a sign per row)",
         "qft-sparse-mezo": "qft Sparse-MeZO, density 0.2 of every linear layer (deltas of the smallest weights)",
-        "qft-sparse-mezo-inplace": "qft Sparse-MeZO on the weights themselves (qft.zo.mask.MagnitudeMask, density 0.2 of every decoder matrix): no delta tensor",
+        "qft-sparse-mezo-inplace": "qft Sparse-MeZO on the weights themselves (qft.zo.mask.MagnitudeMask, density 0.2 of every linear layer): no delta tensor",
         "inference-nf4": "two forward passes of the NF4 model (double quant, bf16 compute): 4-bit inference",
         "qft-mezo-qlora": "qft MeZO over LoRA (r = --lora-r, every linear layer) on the NF4 base (--zo-adapter qlora)",
     },

@@ -90,13 +90,14 @@ def build_step(path: str, model, batch: int, seq: int, rank: int = 16):
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     mask_fn = None
-    if path == "qft-sparse-mezo-inplace":  # the decoder's weight matrices themselves, masked by magnitude
+    if path == "qft-sparse-mezo-inplace":  # the weights qft-sparse-mezo targets, themselves, masked by magnitude
+        from qft import SparseMezoConfig
+        from qft.adapters.sparse_mezo import target_weights, tune_only
         from qft.zo.mask import MagnitudeMask
 
-        mats = [p for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2]
-        for p in model.parameters():
-            p.requires_grad_(any(p is m for m in mats))
-        mask_fn = MagnitudeMask(mats, density=0.2)
+        mats = target_weights(model, SparseMezoConfig(density=0.2, target_modules="all-linear"))
+        tune_only(model, mats.values())
+        mask_fn = MagnitudeMask(mats.values(), density=0.2)
     params = [p for p in model.parameters() if p.requires_grad]  # all weights; Sparse-MeZO: its deltas
     loss_fn = lambda: model(input_ids=ids, labels=ids, use_cache=False).loss  # noqa: E731
     dist = {"qft-mezo-rademacher": "rademacher", "qft-mezo-rank1": "rank1",

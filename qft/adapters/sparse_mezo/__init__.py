@@ -14,7 +14,6 @@ from qft.adapters.sparse_mezo.layer import SparseMezoLinear
 from qft.adapters.sparse_mezo.model import SparseMezoModel
 from qft.errors import QftError
 from qft.registry import register_method
-from qft.zo.mask import magnitude_threshold
 
 register_method(name="sparse_mezo", config_cls=SparseMezoConfig, model_cls=SparseMezoModel)
 
@@ -44,17 +43,24 @@ def plan(cfg) -> MethodPlan:
     return zo_plan(cfg, config)
 
 
-def target_weights(model, config: SparseMezoConfig) -> list:
-    """The weights of the linear layers ``config`` targets in ``model``, chosen as peft chooses them for the adapter
-    ('all-linear': every linear layer but the output layer)."""
+def target_weights(model, config: SparseMezoConfig) -> dict:
+    """{module name: weight} of the linear layers ``config`` targets in ``model``, chosen as peft chooses them for the
+    adapter ('all-linear': every linear layer but the output layer)."""
     import copy
 
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
     from torch import nn
 
     config = _maybe_include_all_linear_layers(copy.copy(config), model)
-    return [m.weight for name, m in model.named_modules()
-            if name and type(m) is nn.Linear and check_target_module_exists(config, name)]
+    return {name: m.weight for name, m in model.named_modules()
+            if name and type(m) is nn.Linear and check_target_module_exists(config, name)}
+
+
+def tune_only(model, weights) -> None:
+    """Make ``weights`` the model's only trainable tensors (what ZO then perturbs and updates)."""
+    chosen = {id(p) for p in weights}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
 
 
 def checkpoint_files(source: str) -> dict:
@@ -101,31 +107,26 @@ def inplace_plan(zo: MethodPlan, config: SparseMezoConfig) -> MethodPlan:
     sources: dict[str, tuple] = {}  # module name -> (checkpoint key, file)
 
     def after_load(model):
-        names = {id(m.weight): name for name, m in model.named_modules() if name and hasattr(m, "weight")}
         mats = target_weights(model, config)
         if not mats:
             raise QftError(f"--target-modules {config.target_modules!r} match no float linear layer of the model",
                            "pass names of its linear layers (e.g. q_proj,v_proj) or 'all-linear'")
         files = checkpoint_files(getattr(model, "name_or_path", ""))
-        for p in mats:
-            key = names[id(p)] + ".weight"
+        for name in mats:
+            key = name + ".weight"
             if key not in files:
                 raise QftError(f"--sparse-mezo-inplace saves its adapter against the base's safetensors files, and "
                                f"{model.name_or_path or 'this model'} has none holding {key}",
                                "leave --sparse-mezo-inplace out (the PEFT Sparse-MeZO), or save the base with "
                                "save_pretrained first")
-            sources[names[id(p)]] = (key, files[key])
-        chosen = {id(p) for p in mats}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in chosen)
-        mask.build(mats)
+            sources[name] = (key, files[key])
+        tune_only(model, mats.values())
+        mask.build(mats.values())
 
     def export(model, folder):
         import torch
         from peft import get_peft_model
         from safetensors import safe_open
-
-        from qft.zo.mask import small_magnitude_mask
 
         dtype = getattr(torch, config.delta_dtype)
 
@@ -139,7 +140,7 @@ def inplace_plan(zo: MethodPlan, config: SparseMezoConfig) -> MethodPlan:
         with torch.no_grad():
             for name in sources:  # every delta and check first: a failed check leaves the trained weights as they are
                 w, w0 = start(name)
-                selected = small_magnitude_mask(w0, magnitude_threshold(w0, config.density))
+                selected = mask.select(w, w0)  # |W_0| <= h, the threshold the run trained with
                 if not torch.equal(w[~selected], w0[~selected]):
                     raise QftError(f"{name} changed outside the entries its mask allows, or the base's file is not "
                                    "the base that trained", "report this; the trained weights were not saved")
