@@ -75,14 +75,14 @@ def plot_curves(results: dict, png: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for method, r in results["methods"].items():
         if r.get("curve"):
             steps, accs = zip(*r["curve"])
             ax.plot(steps, accs, marker=".", label=method)
     ax.set_xlabel("step")
     ax.set_ylabel("SST-2 dev accuracy (%)")
-    ax.legend()
+    ax.legend(fontsize="small", loc="lower right")  # the curves rise to the top left: that corner stays clear
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     return True
