@@ -165,6 +165,30 @@ def test_mezo_lowers_the_loss_in_the_trainer(tmp_path):
     assert after < before - 0.5, (before, after)
 
 
+def test_every_step_runs_with_dropout_off(tmp_path):
+    """Both forwards of a step must see one function, so dropout is off in each step's forwards: also after a
+    callback (an evaluation, say) puts the model back in training mode between steps. The step switches modes
+    only when the model is in training mode (a walk over every module costs a small model's step 9 ms)."""
+    from transformers import TrainerCallback
+
+    trainer = _zo_trainer(tmp_path, max_steps=6)
+    modes, evals = [], []
+    trainer.model.register_forward_pre_hook(lambda m, a: modes.append(any(x.training for x in m.modules())))
+    inner_eval = trainer.model.eval
+    trainer.model.eval = lambda: evals.append(1) or inner_eval()
+
+    class TrainAgain(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 3:
+                model.train()
+
+    trainer.add_callback(TrainAgain())
+    trainer.model.train()  # in training mode from the start (from_pretrained gives eval mode)
+    trainer.train()
+    assert len(modes) == 12 and not any(modes)  # two forwards a step, none with a module in training mode
+    assert len(evals) == 2  # at the first step and after the callback's train(), not at every step
+
+
 def test_rank1_directions_train(tmp_path):
     trainer = _zo_trainer(tmp_path, max_steps=150, dist="rank1")
     before = _loss(trainer.model)
