@@ -4,6 +4,8 @@
 #   qst spiel peqa3 peqa2 (300 steps), mezo smezo (MeZO / Sparse-MeZO curves, label-word objective,
 #   ZSTEPS-step cosine schedule, as many steps as fit in LIMIT seconds), optim (optimizer-state benchmark).
 #   e.g. RUNS="qst spiel:1e-3 mezo:1e-5 smezo:2e-5"
+# Carrying the kit (session 10: the working tree plus .kit/wheels and .kit/smollm2-a passed the 64 MiB limit):
+# .kit/wheels with .kit/sst2 in the first call, .kit/smollm2-a alone in a second, .kit/smollm2-b with this script.
 # BENCH="qst peqa mezo" runs `qft bench SUITE --shape llama3-8b` one after another on GPU BENCH_GPU while the
 # SST-2 jobs use GPU SST2_GPU (give both the same number on a one-GPU machine; the speed ratios then suffer);
 # SUITE:PATH,PATH runs only those paths. RUNS2 jobs start on BENCH_GPU once the benchmarks are done.
