@@ -81,7 +81,8 @@ class FinetuneConfig:
     side_gate_scale: float = field(default=1.0, metadata={
         "help": "QST: the per-layer gates are stored divided by this, so that Adam moves them this much faster."})
     zo_eps: float = field(default=1e-3, metadata={"help": "MeZO: perturbation scale epsilon."})
-    zo_samples: int = field(default=1, metadata={"help": "MeZO: random directions (q) per step."})
+    zo_samples: int = field(default=1, metadata={"help": "MeZO: random directions (q) per step; with --zo-paired, all "
+                                                         "in one forward of the batch 2q times."})
     zo_distribution: str = field(default="gaussian", metadata={
         "help": "MeZO: distribution of the random directions: 'gaussian' (MeZO's), 'rademacher' (±1, classic SPSA; "
                 "cheaper to draw on a GPU) or 'rank1' (u·vᵀ per weight matrix, as in LOZO: no weight copies)."})

@@ -465,6 +465,30 @@ def test_weight_decay_option_reaches_the_optimizer(tiny_model_dir, jsonl, tmp_pa
     assert 0.05 in seen["groups"]
 
 
+@pytest.mark.parametrize("extra", [{}, {"zo_adapter": "lora"}], ids=["all-weights", "lora"])
+def test_finetune_takes_several_directions_in_one_paired_forward(tiny_model_dir, jsonl, tmp_path, extra):
+    """`qft finetune --method mezo --zo-paired --zo-samples 3`: three directions a step, one forward each step."""
+    from transformers import TrainerCallback
+
+    from qft.train import FinetuneConfig, finetune
+
+    seen = {"forwards": 0}
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.register_forward_hook(lambda *a: seen.__setitem__("forwards", seen["forwards"] + 1))
+
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            seen["history"] = getattr(optimizer, "optimizer", optimizer).zo_state["history"]
+            seen.setdefault("at_step_end", []).append(seen["forwards"])
+
+    finetune(FinetuneConfig(model=str(tiny_model_dir), data=str(jsonl("text")), output=str(tmp_path / "o"),
+                            method="mezo", max_steps=2, batch_size=4, zo_paired=True, zo_distribution="rank1",
+                            zo_samples=3, **extra), log=lambda m: None, progress=False, callbacks=[Record()])
+    assert [len(e["directions"]) for e in seen["history"]] == [3, 3]
+    assert seen["at_step_end"] == [1, 2]  # one forward a step
+
+
 @pytest.mark.parametrize("method,extra", [("mezo", {}), ("sparse-mezo", {}), ("mezo", {"zo_adapter": "lora"})])
 def test_resume_from_a_checkpoint_without_weights(tiny_model_dir, jsonl, tmp_path, method, extra):
     """`--resume auto` on a ZO checkpoint kept without its weights (optimizer state, scheduler, RNG, trainer state:
@@ -556,6 +580,113 @@ def test_paired_projected_grad_matches_two_forwards_also_under_sparse_mezo():
         # the losses agree to float32 rounding (one ulp of a loss near 5 is 5e-7; g divides by 2 eps)
         torch.testing.assert_close(g2, g1, rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(l2, l1, rtol=1e-6, atol=1e-6)
+
+
+def check_paired_forward_several(dist: str, make=lambda: tiny_model("llama"), seeds=(3, 11, 40)):
+    """q seeds: one forward of the batch 2q times, block 2k seeing θ + eps·z_k and block 2k+1 θ − eps·z_k, as 2q
+    perturbed forwards would; the weights and the modules' forwards come back untouched (shared with the
+    Triton-interpreter test)."""
+    from qft.zo.spsa import perturbed_pair
+
+    model = make()
+    params = _params(model)
+    before = [p.detach().clone() for p in params]
+    x = tiny_inputs(model)
+    b = x["input_ids"].shape[0]
+    with torch.no_grad():
+        refs = []
+        for seed in seeds:
+            for sign in (1.0, -1.0):
+                with perturbed(model, params, seed, sign * 1e-2, dist=dist):
+                    refs.append(model(**x).logits)
+        with perturbed_pair(model, params, list(seeds), 1e-2, b, dist=dist) as seen:
+            together = model(**{k: torch.cat([v] * (2 * len(seeds))) for k, v in x.items()}).logits
+    assert len(seen) == len(params)
+    for j, ref in enumerate(refs):
+        torch.testing.assert_close(together[j * b:(j + 1) * b], ref, atol=2e-6, rtol=1e-5)
+    assert all(torch.equal(p, q) for p, q in zip(_params(model), before))
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rank1"])
+@pytest.mark.parametrize("make", [lambda: tiny_model("llama"), _tied_llama, lambda: tiny_model("qwen2")],
+                         ids=["llama", "llama-tied", "qwen2"])
+def test_paired_forward_takes_several_directions_at_once(dist, make):
+    """rank1 matrices of linear and embedding modules through one term of all the directions; norms and biases by
+    their module once per block."""
+    check_paired_forward_several(dist, make)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
+def test_one_term_of_several_directions_is_each_blocks_own(kind):
+    """perturb_output_multi: block 2k of the rows gets +scale·(its direction k's term), block 2k+1 minus it, as
+    perturb_output gives for direction k alone (GPT-2's Conv1D included, whose model a paired forward refuses for
+    its position ids)."""
+    from qft.zo import lowrank
+
+    q, batch, m, n = 3, 2, 5, 7
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(q, m, generator=g), torch.randn(q, n, generator=g)
+    if kind == "embedding":
+        x, width = torch.randint(0, m, (2 * q * batch, 4), generator=g), n
+    else:
+        x, width = torch.randn(2 * q * batch, 4, n if kind == "linear" else m, generator=g), m if kind == "linear" else n
+    out = torch.randn(2 * q * batch, 4, width, generator=g)
+    sel = torch.zeros(2 * q, q)
+    sel[2 * torch.arange(q), torch.arange(q)], sel[2 * torch.arange(q) + 1, torch.arange(q)] = 1.0, -1.0
+    with torch.no_grad():
+        got = lowrank.perturb_output_multi(kind, x, out.clone(), u, v, 0.1, sel)
+        for blk in range(2 * q):
+            rows, k = slice(blk * batch, (blk + 1) * batch), blk // 2
+            want = lowrank.perturb_output(kind, x[rows], out[rows].clone(), u[k], v[k], 0.1 if blk % 2 == 0 else -0.1)
+            torch.testing.assert_close(got[rows], want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["lm", "label-words"])
+def test_paired_projected_grads_of_several_directions_match_one_at_a_time(objective):
+    from qft.zo.objectives import label_word_objective
+    from qft.zo.trainer import lm_loss_halves, zo_projected_grad_paired
+
+    model = tiny_model("llama")
+    params = _params(model)
+    x = tiny_inputs(model, batch=3)
+    x["labels"] = torch.full_like(x["input_ids"], -100)
+    x["labels"][:, -1] = torch.tensor([5, 6, 5])
+    obj = label_word_objective([5, 6]) if objective == "label-words" else None
+    halves = obj.halves if obj else lm_loss_halves
+    loss_fn = (lambda: obj(model, x)) if obj else (lambda: model(**x).loss)
+    seeds = [2, 9, 13, 21]
+    gs, loss = zo_projected_grad_paired(model, params, seeds, 1e-2, x, halves, dist="rank1")
+    one = [zo_projected_grad(model, params, s, 1e-2, loss_fn, dist="rank1") for s in seeds]
+    assert gs.shape == (4,) and all(abs(g) > 1e-3 for g in gs)
+    torch.testing.assert_close(gs, torch.stack([g for g, _ in one]), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(loss, torch.stack([l for _, l in one]).mean(), rtol=1e-6, atol=1e-6)
+
+
+def test_paired_training_with_several_directions_a_step(tmp_path):
+    """--zo-paired with --zo-samples 3: each step's three directions from one forward, recorded as unpaired ones
+    would be (the same seeds, projected gradients to float rounding); the run's history replays to its weights
+    bit for bit, and the loss falls."""
+    runs = {}
+    for paired in (False, True):
+        trainer = _zo_trainer(tmp_path / str(paired), max_steps=4, dist="rank1")
+        trainer.zo.paired, trainer.zo.samples = paired, 3
+        trainer.train()
+        runs[paired] = trainer
+    hist = {k: t.optimizer.optimizer.zo_state["history"] for k, t in runs.items()}
+    assert [len(e["directions"]) for e in hist[True]] == [3] * 4
+    for a, b in zip(hist[False], hist[True]):
+        assert [d[0] for d in a["directions"]] == [d[0] for d in b["directions"]]
+        torch.testing.assert_close([d[1] for d in b["directions"]], [d[1] for d in a["directions"]],
+                                   rtol=1e-3, atol=1e-5)
+    fresh = tiny_model("llama")
+    ZoSGD(_params(fresh), lr=3e-4, dist="rank1").replay(hist[True])
+    assert all(torch.equal(p, q) for p, q in zip(_params(fresh), _params(runs[True].model)))
+    trainer = _zo_trainer(tmp_path / "long", max_steps=100, dist="rank1")
+    trainer.zo.paired, trainer.zo.samples = True, 4
+    before = _loss(trainer.model)
+    trainer.train()
+    assert _loss(trainer.model) < before - 0.5
 
 
 def test_paired_lm_loss_upcasts_the_logits_piece_by_piece(monkeypatch):

@@ -164,6 +164,45 @@ def perturb_output(kind: str, inputs: torch.Tensor, out: torch.Tensor, u: torch.
     return _add_outer(out, a, b, scale)
 
 
+def stacked(factor_sets: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> tuple[torch.Tensor, list[int]]:
+    """q directions' factors of the same matrices, as one float32 tensor of q rows (``factor_sets[k]``: direction
+    k's (u, v) of each matrix, in one order) and each matrix's offset in a row: matrix j's U (q × m) and V (q × n)
+    are slices of it (:func:`split_stacked`). One cat per direction and one stack, not a launch per matrix."""
+    rows = [torch.cat([t for uv in uvs for t in uv]) for uvs in factor_sets]
+    offsets, at = [], 0
+    for u, v in factor_sets[0]:
+        offsets.append(at)
+        at += u.numel() + v.numel()
+    return torch.stack(rows), offsets
+
+
+def split_stacked(flat: torch.Tensor, offset: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matrix ``shape``'s (U, V), q × m and q × n views of :func:`stacked`'s tensor at ``offset``."""
+    m, n = shape
+    return flat[:, offset:offset + m], flat[:, offset + m:offset + m + n]
+
+
+def perturb_output_multi(kind: str, inputs: torch.Tensor, out: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                         scale: float, signs: torch.Tensor) -> torch.Tensor:
+    """:func:`perturb_output` for q directions at once (``u``: q × m, ``v``: q × n, row k direction k's factors), over
+    a batch of 2q blocks of rows: block 2k sees W + scale·u_k·v_kᵀ, block 2k+1 W − scale·u_k·v_kᵀ. ``signs`` is
+    the 2q × q matrix of those ±1 (0 elsewhere), or its 2q × 1 × q view. Each row's term is picked by a product with
+    its block's row of ``signs``, so the whole term is two small matrix products, whatever q."""
+    if kind == "linear":  # W: out × in
+        a, b = inputs @ _as(v, inputs.dtype).t(), u
+    elif kind == "conv1d":  # W: in × out
+        a, b = inputs @ _as(u, inputs.dtype).t(), v
+    else:  # embedding: the looked-up rows of each u
+        a, b = u.t()[inputs], v
+    signs = signs if signs.dim() == 3 else signs[:, None, :]
+    a = (a.reshape(signs.shape[0], -1, a.shape[-1]) * _as(signs, a.dtype)).reshape(-1, a.shape[-1])
+    a, b = _as(a, out.dtype), _as(b, out.dtype)
+    if not torch.is_grad_enabled() and out.is_contiguous():
+        out.view(-1, out.shape[-1]).addmm_(a, b, alpha=scale)
+        return out
+    return out + scale * (a @ b).view(out.shape)
+
+
 def addr_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
     """``out.addr_(a, b, beta=beta, alpha=alpha)``, through the Triton kernel where it takes ``out`` (a GPU: torch's
     own is bandwidth-starved there, see :func:`qft.zo.triton_ops.addr_`). The choice depends on ``out`` alone, so

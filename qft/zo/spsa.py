@@ -288,17 +288,24 @@ PAIRED_READY_BYTES = 64 * 2**20  # up to this many bytes of tensors that take co
 
 
 @contextlib.contextmanager
-def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, eps: float, batch: int,
-                   mask_fn: MaskFn | None = None, dist: str = "gaussian"):
+def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int | Sequence[int], eps: float,
+                   batch: int, mask_fn: MaskFn | None = None, dist: str = "gaussian"):
     """Both of SPSA's forwards in one: within the block, a forward of ``model`` over ``2·batch`` rows (the batch
     twice) sees ``θ + eps·z`` on its first ``batch`` rows and ``θ − eps·z`` on the rest. Yields the set of
     parameter ids perturbed so far, as :func:`perturbed` does.
 
+    ``step_seed`` may also be q seeds (q directions, ``ZoArguments(samples=q)``): the forward then takes the batch
+    2q times, blocks 2k and 2k+1 (``batch`` rows each) seeing ``θ ± eps·z_k``. On a small model, whose step is bound
+    by Python and launches, q directions then cost little more than one.
+
     One forward of twice the batch instead of two: the same arithmetic, half the Python and kernel launches, which
     is what bounds a small model's step on a GPU (a 135M model's two forwards keep an H200 busy 8 ms of 41-68).
     rank1 matrices take their rank-one term with a sign per row (no copies); every other tensor's module runs
-    twice inside the forward, once per half, each time with its perturbed copy, so it must take a batch-first
+    once per block inside the forward, each time with its perturbed copy, so it must take a batch-first
     tensor as its first argument (norms, linear layers, peft layers do)."""
+    seeds = [step_seed] if isinstance(step_seed, int) else [int(s) for s in step_seed]
+    blocks = [(seed, sign) for seed in seeds for sign in (1.0, -1.0)]  # block b: rows [b·batch, (b+1)·batch)
+    rows_total = len(blocks) * batch
     index, holders, hooked, _, splits = _layout(model, params, mask_fn, dist)
     seen: set[int] = set()
     signs: dict = {}
@@ -314,12 +321,12 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
         return s
 
     def check(x, module):
-        if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] != 2 * batch:
+        if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] != rows_total:
             raise QftError(f"a paired ZO forward needs every tuned module to take the batch first; "
                            f"{type(module).__name__} got {type(x).__name__} "
                            f"{tuple(x.shape) if torch.is_tensor(x) else ''}", fix)
 
-    ready: dict[tuple[int, float], torch.Tensor] = {}  # (param id, sign) -> its perturbed copy, made up front
+    ready: dict[tuple[int, int], torch.Tensor] = {}  # (param id, block) -> its perturbed copy, made up front
 
     def make_split(module, slots):
         inner = module.forward
@@ -328,17 +335,18 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
             x = args[0] if args else None
             check(x, module)
             outs = []
-            for half, sign in ((slice(0, batch), 1.0), (slice(batch, None), -1.0)):
+            for b, (seed, sign) in enumerate(blocks):
+                rows = slice(b * batch, (b + 1) * batch)
                 ps = [holder._parameters[n] for holder, n in slots]
-                copies = [ready.get((id(p), sign)) for p in ps]
+                copies = [ready.get((id(p), b)) for p in ps]
                 if any(c is None for c in copies):
-                    copies = perturbed_copies(ps, step_seed, [index[id(p)] for p in ps], sign * eps, mask_fn, dist)
+                    copies = perturbed_copies(ps, seed, [index[id(p)] for p in ps], sign * eps, mask_fn, dist)
                 for (holder, n), c in zip(slots, copies):
                     holder._parameters[n] = c
                 try:
-                    kw = {k: v[half] if torch.is_tensor(v) and v.dim() and v.shape[0] == 2 * batch else v
+                    kw = {k: v[rows] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows_total else v
                           for k, v in kwargs.items()}
-                    outs.append(inner(x[half], *args[1:], **kw))
+                    outs.append(inner(x[rows], *args[1:], **kw))
                 finally:
                     for (holder, n), p in zip(slots, ps):
                         holder._parameters[n] = p
@@ -350,13 +358,17 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
         return forward
 
     split_ps = list({id(h._parameters[n]): h._parameters[n] for _, slots in splits.values() for h, n in slots}.values())
-    if sum(p.numel() * p.element_size() for p in split_ps) <= PAIRED_READY_BYTES:  # norms and biases: all copies
-        for sign in (1.0, -1.0):  # in one go (one launch per dtype on a GPU), not two per module and forward
-            copies = perturbed_copies(split_ps, step_seed, [index[id(p)] for p in split_ps], sign * eps, mask_fn, dist)
-            ready.update(((id(p), sign), c) for p, c in zip(split_ps, copies))
+    if sum(p.numel() * p.element_size() for p in split_ps) * len(seeds) <= PAIRED_READY_BYTES:
+        for b, (seed, sign) in enumerate(blocks):  # norms and biases: all copies in one go (one launch per dtype
+            # on a GPU), not two per module and forward
+            copies = perturbed_copies(split_ps, seed, [index[id(p)] for p in split_ps], sign * eps, mask_fn, dist)
+            ready.update(((id(p), b), c) for p, c in zip(split_ps, copies))
     handles, overridden = [], []
     try:
-        handles += _rank1_hooks(params, index, holders, hooked, step_seed, eps, seen, check, rows_like)
+        if len(seeds) == 1:
+            handles += _rank1_hooks(params, index, holders, hooked, seeds[0], eps, seen, check, rows_like)
+        else:
+            handles += _rank1_hooks_multi(params, index, holders, hooked, seeds, eps, seen, check)
         for module, slots in splits.values():
             overridden.append((module, module.__dict__.get("forward")))
             module.forward = make_split(module, slots)  # an instance attribute: nn.Module.__call__ runs it
@@ -369,6 +381,50 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
                 del module.forward
             else:
                 module.forward = own
+
+
+def _rank1_hooks_multi(params, index, holders, hooked, seeds: Sequence[int], eps: float, seen: set, check):
+    """:func:`_rank1_hooks` for q directions in one forward (:func:`perturbed_pair` with q seeds): each matrix's q
+    factor pairs, drawn per direction as for one and stacked (:func:`qft.zo.lowrank.stacked`), in one term of two
+    small products per module (:func:`qft.zo.lowrank.perturb_output_multi`)."""
+    hooked = list(hooked)  # one order for the factors' offsets and the hooks
+    which = [index[pid] for pid in hooked]
+    if not which:
+        return []
+    by_dir = []
+    for seed in seeds:
+        factors = _rank1_factors(params, which, seed)
+        by_dir.append([factors[id(params[i])][torch.float32] for i in which])
+    flat, offsets = lowrank.stacked(by_dir)
+    q = len(seeds)
+    cast: dict = {}  # (device, dtype) -> (the stacked factors, the 2q x q block signs) in that dtype
+
+    def in_dtype(device, dtype):
+        got = cast.get((device, dtype))
+        if got is None:
+            sel = torch.zeros(2 * q, q)
+            k = torch.arange(q)
+            sel[2 * k, k], sel[2 * k + 1, k] = 1.0, -1.0
+            got = cast[(device, dtype)] = (flat.to(device=device, dtype=dtype),
+                                           sel.to(device=device, dtype=dtype)[:, None, :])  # 2q x 1 x q
+        return got
+
+    def make(pid, holder, pname, offset):
+        kind, shape = lowrank.hook_kind(holder, pname), tuple(params[index[pid]].shape)
+
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else next(iter(kwargs.values()))
+            check(x, module)
+            dtype = output.dtype if x.dtype == output.dtype or not x.is_floating_point() else torch.float32
+            stack, sel = in_dtype(output.device, dtype)
+            u, v = lowrank.split_stacked(stack, offset, shape)
+            seen.add(pid)
+            return lowrank.perturb_output_multi(kind, x, output, u, v, eps, sel)
+
+        return hook
+
+    return [holder.register_forward_hook(make(pid, holder, n, offset), with_kwargs=True)
+            for pid, offset in zip(hooked, offsets) for _, holder, n in holders[pid]]
 
 
 def _bucketed_pieces(params: Sequence[torch.Tensor], max_bytes: int):

@@ -36,7 +36,8 @@ from qft.zo.spsa import DISTRIBUTIONS, MaskFn, perturbed, perturbed_pair
 @dataclass
 class ZoArguments:
     eps: float = field(default=1e-3, metadata={"help": "Perturbation scale ε."})
-    samples: int = field(default=1, metadata={"help": "Directions q per step (the update averages them)."})
+    samples: int = field(default=1, metadata={"help": "Directions q per step (the update averages them); with "
+                                                      "paired=True, all q in one forward of the batch 2q times."})
     objective: Callable | None = field(default=None, metadata={
         "help": "objective(model, inputs) -> scalar tensor to MINIMISE, e.g. minus accuracy; default: the LM loss."})
     mask_fn: MaskFn | None = field(default=None, metadata={"help": "Restrict z to entries (Sparse-MeZO)."})
@@ -145,7 +146,7 @@ CE_CHUNK_BYTES = 2**28  # float32 logits per cross-entropy piece of lm_loss_halv
 
 def lm_loss_halves(model, inputs, batch: int) -> torch.Tensor:
     """The causal-LM loss (mean over each half's labelled tokens, as transformers computes it) of rows [0, batch)
-    and of the rest, from one forward.
+    and of the rest (of each block of ``batch`` rows, when the batch is there more than twice), from one forward.
 
     The cross-entropy runs over pieces of rows, each piece's logits upcast to float32 on their own (at most
     ``CE_CHUNK_BYTES``, one row at least): transformers upcasts the whole batch's logits, which for the doubled batch
@@ -165,21 +166,26 @@ def lm_loss_halves(model, inputs, batch: int) -> torch.Tensor:
         del piece
     sums = torch.cat(sums)
     valid = (shifted != -100).sum(1)
-    return torch.stack([sums[h].sum() / valid[h].sum().clamp(min=1) for h in (slice(0, batch), slice(batch, None))])
+    return torch.stack([sums[h].sum() / valid[h].sum().clamp(min=1)
+                        for h in (slice(b, b + batch) for b in range(0, rows, batch))])
 
 
-def zo_projected_grad_paired(model, params, step_seed: int, eps: float, inputs: dict, halves,
+def zo_projected_grad_paired(model, params, step_seed, eps: float, inputs: dict, halves,
                              mask_fn: MaskFn | None = None, dist: str = "gaussian"):
     """:func:`zo_projected_grad` from one forward of the batch twice (:func:`qft.zo.spsa.perturbed_pair`);
-    ``halves(model, doubled_inputs, batch)`` gives the two halves' losses."""
+    ``halves(model, repeated_inputs, batch)`` gives the objective of each block of ``batch`` rows.
+
+    ``step_seed`` may be a list of q seeds: the forward then takes the batch 2q times, and g is the q projected
+    gradients (a tensor), one a direction; the loss is the mean over all 2q blocks."""
+    seeds = [step_seed] if isinstance(step_seed, int) else list(step_seed)
     batch = next(v.shape[0] for v in inputs.values() if torch.is_tensor(v) and v.dim())
-    doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
-               for k, v in inputs.items()}
-    with torch.no_grad(), perturbed_pair(model, params, step_seed, eps, batch, mask_fn, dist) as seen:
-        loss_plus, loss_minus = halves(model, doubled, batch).detach().double()
+    repeated = {k: torch.cat([v] * (2 * len(seeds))) if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
+                for k, v in inputs.items()}
+    with torch.no_grad(), perturbed_pair(model, params, seeds, eps, batch, mask_fn, dist) as seen:
+        losses = halves(model, repeated, batch).detach().double()
     _check_all_used(seen, params)
-    g = _all_reduce_mean((loss_plus - loss_minus) / (2 * eps))
-    return g, (loss_plus + loss_minus) / 2
+    g = _all_reduce_mean((losses[0::2] - losses[1::2]) / (2 * eps))
+    return (g[0] if isinstance(step_seed, int) else g), losses.mean()
 
 
 class ZoTrainerMixin:
@@ -233,23 +239,26 @@ class ZoTrainerMixin:
         inputs = self._prepare_inputs(inputs)
         opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
         accum = self.args.gradient_accumulation_steps
-        total_loss = 0.0
-        for j in range(self.zo.samples):
-            seed = opt.step_seed(j)
-            if self.zo.paired:
-                halves = self.zo.objective.halves if self.zo.objective is not None else self._lm_halves
-                g, loss = zo_projected_grad_paired(model, opt.params, seed, self.zo.eps, inputs, halves,
-                                                   self.zo.mask_fn, self.zo.distribution)
-            else:
+        seeds = [opt.step_seed(j) for j in range(self.zo.samples)]
+        if self.zo.paired:  # every direction in one forward of the batch 2q times
+            halves = self.zo.objective.halves if self.zo.objective is not None else self._lm_halves
+            gs, loss = zo_projected_grad_paired(model, opt.params, seeds, self.zo.eps, inputs, halves,
+                                                self.zo.mask_fn, self.zo.distribution)
+        else:
+            gs, losses = [], []
+            for seed in seeds:
                 g, loss = zo_projected_grad(model, opt.params, seed, self.zo.eps,
                                             lambda: self._zo_loss(model, inputs), self.zo.mask_fn, self.zo.distribution)
+                gs.append(g)
+                losses.append(loss)
+            loss = sum(losses) / len(losses)
+        for seed, g in zip(seeds, gs):
             if not torch.isfinite(g):
                 raise QftError(f"the projected gradient became {g.item()} at step {self.state.global_step}",
                                "lower --learning-rate, raise --zo-eps, or train in float32")
             opt.record(seed, g.item() / (self.zo.samples * accum))
             self._zo_last_g.append(g.item())
-            total_loss += loss
-        return (total_loss / self.zo.samples / accum).detach()
+        return (loss / accum).detach()
 
     # The Trainer's per-step bookkeeping, made to fit ZO. Each of these scans every parameter every step, which on a
     # small model is a large share of a forward-only step's CPU time (a GPU then waits for it).
