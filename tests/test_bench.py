@@ -62,6 +62,19 @@ def test_in_place_sparse_mezo_path_tunes_the_decoder_matrices_against_both_basel
     assert {"qft-sparse-mezo-inplace/inference", "qft-sparse-mezo-inplace/qft-sparse-mezo"} <= set(r["ratios"])
 
 
+def test_paired_paths_with_one_and_four_directions_a_step(tmp_path, monkeypatch):
+    """qft-mezo-rank1-paired-q4: four directions a step from one forward, against two forwards and against the
+    paired step of one direction."""
+    monkeypatch.setenv("QFT_BENCH_DIR", str(tmp_path))
+    r = run_suite("mezo", shape="tiny", batch=2, seq=32, steps=2, warmup=1, rank=4, gradient_checkpointing=False,
+                  out=None, log=lambda m: None,
+                  paths=["inference", "qft-mezo-rank1-paired", "qft-mezo-rank1-paired-q4"])
+    for path, row in r["results"].items():
+        assert "error" not in row, (path, row)
+        assert row["peak_gib"] > 0 and row["step_ms"] > 0
+    assert {"qft-mezo-rank1-paired-q4/inference", "qft-mezo-rank1-paired-q4/qft-mezo-rank1-paired"} <= set(r["ratios"])
+
+
 def test_unknown_path_is_a_one_line_error(tmp_path, monkeypatch):
     from qft.errors import QftError
 

@@ -52,6 +52,7 @@ SUITES = {
         "qft-mezo-rademacher": "qft MeZO with ±1 directions (--zo-distribution rademacher): 128 signs per Philox draw",
         "qft-mezo-rank1": "qft MeZO with rank-one directions u·vᵀ per matrix (--zo-distribution rank1): forward hooks add the perturbation to each output, no weight copies",
         "qft-mezo-rank1-paired": "qft MeZO rank1 with --zo-paired: both perturbed forwards as one forward of the batch twice (a sign per row)",
+        "qft-mezo-rank1-paired-q4": "qft MeZO rank1 with --zo-paired --zo-samples 4: four directions a step, one forward of the batch eight times",
         "qft-sparse-mezo": "qft Sparse-MeZO, density 0.2 of every linear layer (deltas of the smallest weights)",
         "qft-sparse-mezo-inplace": "qft Sparse-MeZO on the weights themselves (qft.zo.mask.MagnitudeMask, density 0.2 of every linear layer): no delta tensor",
         "inference-nf4": "two forward passes of the NF4 model (double quant, bf16 compute): 4-bit inference",
@@ -61,7 +62,7 @@ SUITES = {
 # which stock path each qft path is compared with (default: every path that does not start with "qft")
 BASELINES = {"qft-spiel-nf4": ("stock-trl",), "qft-spiel-bf16": ("stock-lora-bf16",),
              "qft-sparse-mezo": ("inference", "qft-mezo"), "qft-sparse-mezo-inplace": ("inference", "qft-sparse-mezo"),
-             "qft-mezo-qlora": ("inference-nf4",),
+             "qft-mezo-qlora": ("inference-nf4",), "qft-mezo-rank1-paired-q4": ("inference", "qft-mezo-rank1-paired"),
              **{p: ("inference", "mezo-plain") for p in ("qft-mezo", "qft-mezo-rademacher", "qft-mezo-rank1",
                                                        "qft-mezo-rank1-paired")}}
 WORKERS = {"qlora": "qft.bench.worker", "peqa": "qft.bench.worker", "qst": "qft.bench.worker",

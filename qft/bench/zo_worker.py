@@ -4,7 +4,8 @@ Paths: ``inference`` (two forward passes, the floor a ZO step is measured agains
 reference per-tensor in-place loop: +eps, forward, -2eps, forward, +eps, update; as MeZO's code does it),
 ``qft-mezo`` (qft: perturbation inside each decoder layer's forward, fused Triton kernels), ``qft-mezo-rademacher``
 and ``qft-mezo-rank1`` (the same with ±1 or rank-one directions), ``qft-mezo-rank1-paired`` (rank1 with both forwards as
-one forward of the batch twice, ``--zo-paired``), ``qft-sparse-mezo`` (qft
+one forward of the batch twice, ``--zo-paired``), ``qft-mezo-rank1-paired-q4`` (four directions a step in one forward
+of the batch eight times, ``--zo-paired --zo-samples 4``), ``qft-sparse-mezo`` (qft
 Sparse-MeZO at density 0.2 over every linear layer: the perturbed values are the selected entries' deltas),
 ``qft-sparse-mezo-inplace`` (the same selection on the weights themselves, ``qft.zo.mask.MagnitudeMask``: no deltas),
 ``inference-nf4`` and ``qft-mezo-qlora`` (two forwards of the NF4 model, and MeZO over LoRA on it: ZO at 4-bit
@@ -101,7 +102,7 @@ def build_step(path: str, model, batch: int, seq: int, rank: int = 16):
     params = [p for p in model.parameters() if p.requires_grad]  # all weights; Sparse-MeZO: its deltas
     loss_fn = lambda: model(input_ids=ids, labels=ids, use_cache=False).loss  # noqa: E731
     dist = {"qft-mezo-rademacher": "rademacher", "qft-mezo-rank1": "rank1",
-            "qft-mezo-rank1-paired": "rank1"}.get(path, "gaussian")
+            "qft-mezo-rank1-paired": "rank1", "qft-mezo-rank1-paired-q4": "rank1"}.get(path, "gaussian")
     opt = ZoSGD(params, lr=1e-7, seed=0, dist=dist, mask_fn=mask_fn)
 
     def step_inference():
@@ -127,15 +128,16 @@ def build_step(path: str, model, batch: int, seq: int, rank: int = 16):
         opt.record(seed, g.item())
         opt.step()
 
-    def step_paired():
-        seed = opt.step_seed()
-        g, _ = zo_projected_grad_paired(model, params, seed, 1e-3, {"input_ids": ids, "labels": ids}, lm_loss_halves,
-                                        dist=dist)
-        opt.record(seed, g.item())
+    def step_paired(q: int = 1):
+        seeds = [opt.step_seed(j) for j in range(q)]
+        gs, _ = zo_projected_grad_paired(model, params, seeds, 1e-3, {"input_ids": ids, "labels": ids},
+                                         lm_loss_halves, dist=dist)
+        for seed, g in zip(seeds, gs.tolist()):
+            opt.record(seed, g / q)
         opt.step()
 
     steps = {"inference": step_inference, "inference-nf4": step_inference, "mezo-plain": step_plain,
-             "qft-mezo-rank1-paired": step_paired}
+             "qft-mezo-rank1-paired": step_paired, "qft-mezo-rank1-paired-q4": lambda: step_paired(4)}
     return steps.get(path, step_qft), model
 
 
