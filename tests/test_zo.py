@@ -663,6 +663,26 @@ def test_paired_projected_grads_of_several_directions_match_one_at_a_time(object
     torch.testing.assert_close(loss, torch.stack([l for _, l in one]).mean(), rtol=1e-6, atol=1e-6)
 
 
+def test_paired_objective_must_give_one_loss_per_block():
+    """An objective whose .halves gives two losses whatever the rows (written for one direction) is refused with
+    several directions, in one line, instead of pairing the wrong blocks."""
+    from qft.errors import QftError
+    from qft.zo.trainer import zo_projected_grad_paired
+
+    model = tiny_model("llama")
+    x = tiny_inputs(model)
+    b = x["input_ids"].shape[0]
+
+    def two_halves(model, inputs, batch):
+        logits = model(input_ids=inputs["input_ids"]).logits
+        return torch.stack([logits[:batch].mean(), logits[batch:].mean()])
+
+    g, _ = zo_projected_grad_paired(model, _params(model), 1, 1e-2, x, two_halves, dist="rank1")
+    assert g.dim() == 0 and b == 2
+    with pytest.raises(QftError, match="gave 2 losses for 6 blocks of rows"):
+        zo_projected_grad_paired(model, _params(model), [1, 2, 3], 1e-2, x, two_halves, dist="rank1")
+
+
 def test_paired_training_with_several_directions_a_step(tmp_path):
     """--zo-paired with --zo-samples 3: each step's three directions from one forward, recorded as unpaired ones
     would be (the same seeds, projected gradients to float rounding); the run's history replays to its weights

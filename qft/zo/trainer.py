@@ -182,8 +182,12 @@ def zo_projected_grad_paired(model, params, step_seed, eps: float, inputs: dict,
     repeated = {k: torch.cat([v] * (2 * len(seeds))) if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
                 for k, v in inputs.items()}
     with torch.no_grad(), perturbed_pair(model, params, seeds, eps, batch, mask_fn, dist) as seen:
-        losses = halves(model, repeated, batch).detach().double()
+        losses = halves(model, repeated, batch).detach().double().reshape(-1)
     _check_all_used(seen, params)
+    if losses.numel() != 2 * len(seeds):
+        raise QftError(f"the objective's halves gave {losses.numel()} losses for {2 * len(seeds)} blocks of rows "
+                       f"({len(seeds)} directions a step)", "make .halves return one loss per block of `batch` rows "
+                       "(e.g. losses.view(-1, batch).mean(1)), or pass --zo-samples 1")
     g = _all_reduce_mean((losses[0::2] - losses[1::2]) / (2 * eps))
     return (g[0] if isinstance(step_seed, int) else g), losses.mean()
 
