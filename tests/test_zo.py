@@ -582,16 +582,17 @@ def test_paired_projected_grad_matches_two_forwards_also_under_sparse_mezo():
         torch.testing.assert_close(l2, l1, rtol=1e-6, atol=1e-6)
 
 
-def check_paired_forward_several(dist: str, make=lambda: tiny_model("llama"), seeds=(3, 11, 40)):
+def check_paired_forward_several(dist: str, make=lambda: tiny_model("llama"), seeds=(3, 11, 40), device="cpu",
+                                 atol=2e-6):
     """q seeds: one forward of the batch 2q times, block 2k seeing θ + eps·z_k and block 2k+1 θ − eps·z_k, as 2q
     perturbed forwards would; the weights and the modules' forwards come back untouched (shared with the
-    Triton-interpreter test)."""
+    Triton-interpreter test and the GPU test)."""
     from qft.zo.spsa import perturbed_pair
 
-    model = make()
+    model = make().to(device)
     params = _params(model)
     before = [p.detach().clone() for p in params]
-    x = tiny_inputs(model)
+    x = {k: v.to(device) for k, v in tiny_inputs(model).items()}
     b = x["input_ids"].shape[0]
     with torch.no_grad():
         refs = []
@@ -603,7 +604,7 @@ def check_paired_forward_several(dist: str, make=lambda: tiny_model("llama"), se
             together = model(**{k: torch.cat([v] * (2 * len(seeds))) for k, v in x.items()}).logits
     assert len(seen) == len(params)
     for j, ref in enumerate(refs):
-        torch.testing.assert_close(together[j * b:(j + 1) * b], ref, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(together[j * b:(j + 1) * b], ref, atol=atol, rtol=1e-5)
     assert all(torch.equal(p, q) for p, q in zip(_params(model), before))
     assert not any("forward" in m.__dict__ for m in model.modules())
 

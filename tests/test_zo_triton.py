@@ -100,6 +100,16 @@ def test_rank1_directions_on_the_gpu_match_the_reference():
     torch.testing.assert_close(w, before - 0.3 * direction(before, 4, 1, dist="rank1"), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dist", ["gaussian", "rank1"])
+def test_several_directions_in_one_paired_forward_on_the_gpu(dist):
+    """--zo-paired --zo-samples 3 on CUDA: the factors drawn by the kernel and stacked, the norms' copies made up
+    front; the forward equals the six perturbed forwards."""
+    from tests.test_zo import check_paired_forward_several
+    from tests.tiny import tiny_model
+
+    check_paired_forward_several(dist, lambda: tiny_model("llama"), device="cuda", atol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(2048, 14336), (4097, 1100)])
 def test_rank_one_add_kernel_on_the_gpu(shape):
     """rank1's outer-product add (hook outputs and updates) against float64 arithmetic, bf16, odd edges included."""
