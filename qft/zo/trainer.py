@@ -18,6 +18,7 @@ trainable weights, and a collective before every forward.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -256,12 +257,13 @@ class ZoTrainerMixin:
                 gs.append(g)
                 losses.append(loss)
             loss = sum(losses) / len(losses)
-        for seed, g in zip(seeds, gs):
-            if not torch.isfinite(g):
-                raise QftError(f"the projected gradient became {g.item()} at step {self.state.global_step}",
+        values = gs.tolist() if torch.is_tensor(gs) else [g.item() for g in gs]  # one host sync when paired
+        for seed, g in zip(seeds, values):
+            if not math.isfinite(g):
+                raise QftError(f"the projected gradient became {g} at step {self.state.global_step}",
                                "lower --learning-rate, raise --zo-eps, or train in float32")
-            opt.record(seed, g.item() / (self.zo.samples * accum))
-            self._zo_last_g.append(g.item())
+            opt.record(seed, g / (self.zo.samples * accum))
+            self._zo_last_g.append(g)
         return (loss / accum).detach()
 
     # The Trainer's per-step bookkeeping, made to fit ZO. Each of these scans every parameter every step, which on a
