@@ -66,7 +66,7 @@ class MagnitudeMask:
 
     def select(self, p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """The selected entries among ``values`` (a piece of ``p``, as it stands now)."""
-        return values.abs() <= torch.tensor(self.threshold(p), dtype=values.dtype, device=values.device)
+        return small_magnitude_mask(values, torch.tensor(self.threshold(p), dtype=values.dtype, device=values.device))
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
         raise TypeError("MagnitudeMask needs the tensor a piece belongs to: call select(p, values)")

@@ -204,6 +204,17 @@ def _rank1_factors(params: Sequence[torch.Tensor], which: Sequence[int], step_se
     return out
 
 
+def _hook_input(module, args, kwargs, output, check=None):
+    """(the module's input, the dtype a rank1 hook's factors take) for a forward hook, after ``check(x, module)``.
+
+    The factors go in the activations' dtype, so the term casts nothing; in float32 when the input and output dtypes
+    differ, as under autocast (:func:`qft.zo.lowrank.perturb_output` then casts as it needs)."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    if check is not None:
+        check(x, module)
+    return x, output.dtype if x.dtype == output.dtype or not x.is_floating_point() else torch.float32
+
+
 def _rank1_hooks(params, index, holders, hooked, step_seed: int, scale: float, seen: set, check=None, rows=None):
     """Forward hooks that add each rank1 matrix's term ``scale·u·vᵀ`` to its modules' outputs (:func:`perturbed`);
     ``rows(x)``: a number per batch row to scale it by (:func:`perturbed_pair`), after ``check(x, module)``."""
@@ -212,13 +223,8 @@ def _rank1_hooks(params, index, holders, hooked, step_seed: int, scale: float, s
         kind, seed = lowrank.hook_kind(holder, pname), tensor_seed(step_seed, index[pid])
 
         def hook(module, args, kwargs, output):
-            x = args[0] if args else next(iter(kwargs.values()))
-            if check is not None:
-                check(x, module)
-            # u, v in the activations' dtype, so perturb_output casts nothing (float32 when the input and output
-            # dtypes differ, as under autocast: perturb_output then casts as it needs); drawn once a step
-            dtype = output.dtype if x.dtype == output.dtype or not x.is_floating_point() else torch.float32
-            uv = pairs.get(dtype)
+            x, dtype = _hook_input(module, args, kwargs, output, check)
+            uv = pairs.get(dtype)  # drawn once a step
             if uv is None:
                 uv = pairs[dtype] = lowrank.factors(holder._parameters[pname], seed, dtype, step_seed)
             seen.add(pid)
@@ -413,9 +419,7 @@ def _rank1_hooks_multi(params, index, holders, hooked, seeds: Sequence[int], eps
         kind, shape = lowrank.hook_kind(holder, pname), tuple(params[index[pid]].shape)
 
         def hook(module, args, kwargs, output):
-            x = args[0] if args else next(iter(kwargs.values()))
-            check(x, module)
-            dtype = output.dtype if x.dtype == output.dtype or not x.is_floating_point() else torch.float32
+            x, dtype = _hook_input(module, args, kwargs, output, check)
             stack, sel = in_dtype(output.device, dtype)
             u, v = lowrank.split_stacked(stack, offset, shape)
             seen.add(pid)
