@@ -83,3 +83,13 @@ def test_runner_turns_a_sigterm_outside_training_into_one_line(tmp_path, monkeyp
     assert exc.value.code == 143
     err = capsys.readouterr().err.strip()
     assert "terminated" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_a_method_option_overrides_the_runner_defaults(tmp_path):
+    """--option mezo:max_steps=N gives one run its own schedule (a continued 8,000-step run beside new shorter ones)."""
+    model = _sst2_like(tmp_path)
+    r = run(str(model), tmp_path, ["mezo"], steps=4, out=None, curve_every=2, curve_limit=8,
+            extra={"mezo": {"max_steps": 2, "batch_size": 4}})["methods"]["mezo"]
+    assert "error" not in r, r
+    assert r["options"]["max_steps"] == 2 and r["options"]["batch_size"] == 4
+    assert [s for s, _ in r["curve"]] == [2]

@@ -111,8 +111,8 @@ def run(model: str, data_dir: Path, methods: list[str], steps: int, out: Path | 
         t0 = time.time()
         output = work / method if work else Path(tempfile.mkdtemp(prefix=f"qft-sst2-{method}-"))
         options = dict(model=model, data=str(train_file), method=method, max_steps=steps, batch_size=16,
-                       output=str(output), overwrite=True, logging_steps=50,
-                       lora_r=8, **(extra or {}).get(method, {}))
+                       output=str(output), overwrite=True, logging_steps=50, lora_r=8)
+        options.update((extra or {}).get(method, {}))  # e.g. mezo:max_steps=8000 for a run with its own schedule
         last = get_last_checkpoint(str(output / "checkpoints")) if (output / "checkpoints").is_dir() else None
         if last:
             options["resume"] = "auto"
