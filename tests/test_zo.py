@@ -489,6 +489,23 @@ def test_finetune_takes_several_directions_in_one_paired_forward(tiny_model_dir,
     assert seen["at_step_end"] == [1, 2]  # one forward a step
 
 
+def test_finetune_paired_on_opt(jsonl, tmp_path):
+    """`qft finetune --method mezo --zo-paired` on an OPT model (it used to be refused: its feed-forward layers take
+    the tokens flattened): one forward a step, and the weights move."""
+    from safetensors.torch import load_file
+
+    from qft.train import FinetuneConfig, finetune
+    from tests.tiny import save_tiny
+
+    model_dir = save_tiny("opt", tmp_path / "opt")
+    finetune(FinetuneConfig(model=str(model_dir), data=str(jsonl("text")), output=str(tmp_path / "o"), method="mezo",
+                            max_steps=2, batch_size=4, learning_rate=1e-3, zo_paired=True, zo_distribution="rank1",
+                            zo_samples=2), log=lambda m: None, progress=False)
+    before = tiny_model("opt").state_dict()
+    after = load_file(tmp_path / "o" / "model.safetensors")
+    assert any(not torch.equal(before[k], v) for k, v in after.items() if k in before)
+
+
 @pytest.mark.parametrize("method,extra", [("mezo", {}), ("sparse-mezo", {}), ("mezo", {"zo_adapter": "lora"})])
 def test_resume_from_a_checkpoint_without_weights(tiny_model_dir, jsonl, tmp_path, method, extra):
     """`--resume auto` on a ZO checkpoint kept without its weights (optimizer state, scheduler, RNG, trainer state:
@@ -610,19 +627,44 @@ def check_paired_forward_several(dist: str, make=lambda: tiny_model("llama"), se
 
 
 @pytest.mark.parametrize("dist", ["gaussian", "rank1"])
-@pytest.mark.parametrize("make", [lambda: tiny_model("llama"), _tied_llama, lambda: tiny_model("qwen2")],
-                         ids=["llama", "llama-tied", "qwen2"])
+@pytest.mark.parametrize("make", [lambda: tiny_model("llama"), _tied_llama, lambda: tiny_model("qwen2"),
+                                  lambda: tiny_model("opt"), _gpt2],
+                         ids=["llama", "llama-tied", "qwen2", "opt", "gpt2"])
 def test_paired_forward_takes_several_directions_at_once(dist, make):
     """rank1 matrices of linear and embedding modules through one term of all the directions; norms and biases by
-    their module once per block."""
+    their module once per block. OPT's feed-forward layers take the rows' tokens flattened into one 2-D tensor, and
+    its position embedding (an Embedding subclass, so a copy per block) the mask with position ids as keywords;
+    GPT-2's position embedding takes one row of position ids for every row (expanded, each block its own term)."""
     check_paired_forward_several(dist, make)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_model("opt"), _gpt2], ids=["opt", "gpt2"])
+@pytest.mark.parametrize("samples", [1, 3])
+def test_paired_projected_grads_on_opt_and_gpt2_match_two_forwards_also_over_lora(make, samples):
+    """zo_projected_grad_paired over all weights and over a LoRA adapter (whose lora_A takes OPT's flattened tokens)
+    gives the projected gradients and loss of separate perturbed forwards."""
+    from peft import LoraConfig, get_peft_model
+
+    from qft.zo.trainer import lm_loss_halves, zo_projected_grad_paired
+
+    seeds = [4, 17, 30][:samples]
+    lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    for model in (make(), get_peft_model(make(), lora)):
+        params = _params(model)
+        x = tiny_inputs(model)
+        x["labels"] = x["input_ids"].clone()
+        ref = [zo_projected_grad(model, params, seed, 1e-2, lambda: model(**x).loss, dist="rank1") for seed in seeds]
+        gs, loss = zo_projected_grad_paired(model, params, seeds, 1e-2, x, lm_loss_halves, dist="rank1")
+        assert min(abs(g.item()) for g, _ in ref) > 1e-4
+        torch.testing.assert_close(torch.as_tensor(gs).flatten(), torch.stack([g for g, _ in ref]).flatten(),
+                                   rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(torch.as_tensor(loss), sum(l for _, l in ref) / len(ref), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
 def test_one_term_of_several_directions_is_each_blocks_own(kind):
     """perturb_output_multi: block 2k of the rows gets +scale·(its direction k's term), block 2k+1 minus it, as
-    perturb_output gives for direction k alone (GPT-2's Conv1D included, whose model a paired forward refuses for
-    its position ids)."""
+    perturb_output gives for direction k alone (GPT-2's Conv1D included)."""
     from qft.zo import lowrank
 
     q, batch, m, n = 3, 2, 5, 7

@@ -205,14 +205,15 @@ def _rank1_factors(params: Sequence[torch.Tensor], which: Sequence[int], step_se
 
 
 def _hook_input(module, args, kwargs, output, check=None):
-    """(the module's input, the dtype a rank1 hook's factors take) for a forward hook, after ``check(x, module)``.
+    """(the module's input, its output, the dtype a rank1 hook's factors take) for a forward hook; with ``check``,
+    the input and output as ``check(x, module, output)`` gives them back (a paired forward's one-row input expanded).
 
     The factors go in the activations' dtype, so the term casts nothing; in float32 when the input and output dtypes
     differ, as under autocast (:func:`qft.zo.lowrank.perturb_output` then casts as it needs)."""
     x = args[0] if args else next(iter(kwargs.values()))
     if check is not None:
-        check(x, module)
-    return x, output.dtype if x.dtype == output.dtype or not x.is_floating_point() else torch.float32
+        x, output = check(x, module, output)
+    return x, output, output.dtype if x.dtype == output.dtype or not x.is_floating_point() else torch.float32
 
 
 def _rank1_hooks(params, index, holders, hooked, step_seed: int, scale: float, seen: set, check=None, rows=None):
@@ -223,7 +224,7 @@ def _rank1_hooks(params, index, holders, hooked, step_seed: int, scale: float, s
         kind, seed = lowrank.hook_kind(holder, pname), tensor_seed(step_seed, index[pid])
 
         def hook(module, args, kwargs, output):
-            x, dtype = _hook_input(module, args, kwargs, output, check)
+            x, output, dtype = _hook_input(module, args, kwargs, output, check)
             uv = pairs.get(dtype)  # drawn once a step
             if uv is None:
                 uv = pairs[dtype] = lowrank.factors(holder._parameters[pname], seed, dtype, step_seed)
@@ -307,8 +308,10 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
     One forward of twice the batch instead of two: the same arithmetic, half the Python and kernel launches, which
     is what bounds a small model's step on a GPU (a 135M model's two forwards keep an H200 busy 8 ms of 41-68).
     rank1 matrices take their rank-one term with a sign per row (no copies); every other tensor's module runs
-    once per block inside the forward, each time with its perturbed copy, so it must take a batch-first
-    tensor as its first argument (norms, linear layers, peft layers do)."""
+    once per block inside the forward, each time with its perturbed copy. So a tuned module's first argument must
+    hold the rows batch first: the ``2q·batch`` rows themselves (norms, linear layers, peft layers), their
+    tokens flattened into one 2-D tensor, rows in order (OPT's feed-forward layers), or one row that stands for
+    every row (GPT-2's position ids: expanded, so that each block gets its own term)."""
     seeds = [step_seed] if isinstance(step_seed, int) else [int(s) for s in step_seed]
     blocks = [(seed, sign) for seed in seeds for sign in (1.0, -1.0)]  # block b: rows [b·batch, (b+1)·batch)
     rows_total = len(blocks) * batch
@@ -319,18 +322,26 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
 
     def rows_like(t: torch.Tensor) -> torch.Tensor:  # +1 on the first half's rows, -1 on the second's
         # in the input's float dtype, which a linear hook's x·v has: a cast of them would be a launch per hook
-        key = (t.device, t.dtype if t.is_floating_point() else torch.float32)
+        key = (t.device, t.dtype if t.is_floating_point() else torch.float32, t.shape[0])
         s = signs.get(key)
-        if s is None:
-            s = signs[key] = torch.ones(2 * batch, device=t.device, dtype=key[1])
-            s[batch:] = -1
+        if s is None:  # t.shape[0]: the rows, or their tokens flattened (check), the first half the + block's
+            s = signs[key] = torch.ones(t.shape[0], device=t.device, dtype=key[1])
+            s[t.shape[0] // 2:] = -1
         return s
 
-    def check(x, module):
-        if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] != rows_total:
-            raise QftError(f"a paired ZO forward needs every tuned module to take the batch first; "
-                           f"{type(module).__name__} got {type(x).__name__} "
-                           f"{tuple(x.shape) if torch.is_tensor(x) else ''}", fix)
+    def check(x, module, out=None):
+        """(x, out) with x's first dimension the rows, or their tokens flattened in row order; a one-row x (and
+        its output) expanded to every row."""
+        if torch.is_tensor(x) and x.dim():
+            n, same = x.shape[0], out is None or out.shape[0] == x.shape[0]
+            if same and (n == rows_total or (x.dim() == 2 and n % rows_total == 0)):
+                return x, out
+            if n == 1 and same:  # one row for all, as GPT-2's position ids: each block needs its own term
+                x = x.expand(rows_total, *x.shape[1:])
+                return x, None if out is None else out.expand(rows_total, *out.shape[1:]).contiguous()
+        raise QftError(f"a paired ZO forward needs every tuned module to take the batch first; "
+                       f"{type(module).__name__} got {type(x).__name__} "
+                       f"{tuple(x.shape) if torch.is_tensor(x) else ''}", fix)
 
     ready: dict[tuple[int, int], torch.Tensor] = {}  # (param id, block) -> its perturbed copy, made up front
 
@@ -338,11 +349,15 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
         inner = module.forward
 
         def forward(*args, **kwargs):
-            x = args[0] if args else None
-            check(x, module)
+            x0 = args[0] if args else None
+            x, _ = check(x0, module)
+            per_block = x.shape[0] // len(blocks)
+            # keyword tensors along x's rows are cut with it (not those of one row for all, as x itself was)
+            cut = {k for k, v in kwargs.items()
+                   if torch.is_tensor(v) and v.dim() and v.shape[0] == x0.shape[0] == x.shape[0]}
             outs = []
             for b, (seed, sign) in enumerate(blocks):
-                rows = slice(b * batch, (b + 1) * batch)
+                rows = slice(b * per_block, (b + 1) * per_block)
                 ps = [holder._parameters[n] for holder, n in slots]
                 copies = [ready.get((id(p), b)) for p in ps]
                 if any(c is None for c in copies):
@@ -350,8 +365,7 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
                 for (holder, n), c in zip(slots, copies):
                     holder._parameters[n] = c
                 try:
-                    kw = {k: v[rows] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows_total else v
-                          for k, v in kwargs.items()}
+                    kw = {k: v[rows] if k in cut else v for k, v in kwargs.items()}
                     outs.append(inner(x[rows], *args[1:], **kw))
                 finally:
                     for (holder, n), p in zip(slots, ps):
@@ -419,7 +433,7 @@ def _rank1_hooks_multi(params, index, holders, hooked, seeds: Sequence[int], eps
         kind, shape = lowrank.hook_kind(holder, pname), tuple(params[index[pid]].shape)
 
         def hook(module, args, kwargs, output):
-            x, dtype = _hook_input(module, args, kwargs, output, check)
+            x, output, dtype = _hook_input(module, args, kwargs, output, check)
             stack, sel = in_dtype(output.device, dtype)
             u, v = lowrank.split_stacked(stack, offset, shape)
             seen.add(pid)
