@@ -617,7 +617,7 @@ def check_paired_forward_several(dist: str, make=lambda: tiny_model("llama"), se
             for sign in (1.0, -1.0):
                 with perturbed(model, params, seed, sign * 1e-2, dist=dist):
                     refs.append(model(**x).logits)
-        with perturbed_pair(model, params, list(seeds), 1e-2, b, dist=dist) as seen:
+        with perturbed_pair(model, params, list(seeds), 1e-2, b, dist=dist, seq=x["input_ids"].shape[1]) as seen:
             together = model(**{k: torch.cat([v] * (2 * len(seeds))) for k, v in x.items()}).logits
     assert len(seen) == len(params)
     for j, ref in enumerate(refs):
@@ -636,6 +636,32 @@ def test_paired_forward_takes_several_directions_at_once(dist, make):
     its position embedding (an Embedding subclass, so a copy per block) the mask with position ids as keywords;
     GPT-2's position embedding takes one row of position ids for every row (expanded, each block its own term)."""
     check_paired_forward_several(dist, make)
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rank1"])
+@pytest.mark.parametrize("pick", ["gathered", "one-float-row", "flat-without-seq"])
+def test_paired_forward_refuses_rows_it_cannot_tell_apart(pick, dist):
+    """A tuned module fed some of the tokens (a mixture-of-experts layer's gathered ones), one float row, or
+    flattened tokens when the caller did not say how many a row holds: one line, not silently wrong signs."""
+    from torch import nn
+
+    from qft.errors import QftError
+    from qft.zo.spsa import perturbed_pair
+
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            flat = x.reshape(-1, 4)
+            return self.lin({"gathered": flat[::3], "one-float-row": flat[:1], "flat-without-seq": flat}[pick])
+
+    model = Picky()
+    seq = None if pick == "flat-without-seq" else 6
+    with pytest.raises(QftError, match="take the batch first"), torch.no_grad():
+        with perturbed_pair(model, list(model.parameters()), 5, 1e-2, 2, dist=dist, seq=seq):
+            model(torch.randn(4, 6, 4))
 
 
 @pytest.mark.parametrize("make", [lambda: tiny_model("opt"), _gpt2], ids=["opt", "gpt2"])

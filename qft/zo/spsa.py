@@ -296,7 +296,7 @@ PAIRED_READY_BYTES = 64 * 2**20  # up to this many bytes of tensors that take co
 
 @contextlib.contextmanager
 def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int | Sequence[int], eps: float,
-                   batch: int, mask_fn: MaskFn | None = None, dist: str = "gaussian"):
+                   batch: int, mask_fn: MaskFn | None = None, dist: str = "gaussian", seq: int | None = None):
     """Both of SPSA's forwards in one: within the block, a forward of ``model`` over ``2·batch`` rows (the batch
     twice) sees ``θ + eps·z`` on its first ``batch`` rows and ``θ − eps·z`` on the rest. Yields the set of
     parameter ids perturbed so far, as :func:`perturbed` does.
@@ -309,9 +309,11 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
     is what bounds a small model's step on a GPU (a 135M model's two forwards keep an H200 busy 8 ms of 41-68).
     rank1 matrices take their rank-one term with a sign per row (no copies); every other tensor's module runs
     once per block inside the forward, each time with its perturbed copy. So a tuned module's first argument must
-    hold the rows batch first: the ``2q·batch`` rows themselves (norms, linear layers, peft layers), their
-    tokens flattened into one 2-D tensor, rows in order (OPT's feed-forward layers), or one row that stands for
-    every row (GPT-2's position ids: expanded, so that each block gets its own term)."""
+    hold the rows batch first: the ``2q·batch`` rows themselves (norms, linear layers, peft layers), with ``seq``
+    (tokens a row) their ``2q·batch·seq`` tokens flattened into one 2-D tensor, rows in order (OPT's feed-forward
+    layers), or one row of indices that stands for every row (GPT-2's position ids: expanded, so that each block
+    gets its own term). Any other input is refused: a mixture-of-experts layer's gathered tokens, say, whose rows
+    could not be told apart."""
     seeds = [step_seed] if isinstance(step_seed, int) else [int(s) for s in step_seed]
     blocks = [(seed, sign) for seed in seeds for sign in (1.0, -1.0)]  # block b: rows [b·batch, (b+1)·batch)
     rows_total = len(blocks) * batch
@@ -330,13 +332,13 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
         return s
 
     def check(x, module, out=None):
-        """(x, out) with x's first dimension the rows, or their tokens flattened in row order; a one-row x (and
-        its output) expanded to every row."""
+        """(x, out) with x's first dimension the rows, or their tokens flattened in row order; a one-row x of
+        indices (and its output) expanded to every row."""
         if torch.is_tensor(x) and x.dim():
             n, same = x.shape[0], out is None or out.shape[0] == x.shape[0]
-            if same and (n == rows_total or (x.dim() == 2 and n % rows_total == 0)):
+            if same and (n == rows_total or (seq is not None and x.dim() == 2 and n == rows_total * seq)):
                 return x, out
-            if n == 1 and same:  # one row for all, as GPT-2's position ids: each block needs its own term
+            if n == 1 and same and not x.is_floating_point():  # GPT-2's position ids: each block its own term
                 x = x.expand(rows_total, *x.shape[1:])
                 return x, None if out is None else out.expand(rows_total, *out.shape[1:]).contiguous()
         raise QftError(f"a paired ZO forward needs every tuned module to take the batch first; "

@@ -179,10 +179,11 @@ def zo_projected_grad_paired(model, params, step_seed, eps: float, inputs: dict,
     ``step_seed`` may be a list of q seeds: the forward then takes the batch 2q times, and g is the q projected
     gradients (a tensor), one a direction; the loss is the mean over all 2q blocks."""
     seeds = [step_seed] if isinstance(step_seed, int) else list(step_seed)
-    batch = next(v.shape[0] for v in inputs.values() if torch.is_tensor(v) and v.dim())
+    first = next(v for v in inputs.values() if torch.is_tensor(v) and v.dim())
+    batch, seq = first.shape[0], first.shape[1] if first.dim() > 1 else None
     repeated = {k: torch.cat([v] * (2 * len(seeds))) if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
                 for k, v in inputs.items()}
-    with torch.no_grad(), perturbed_pair(model, params, seeds, eps, batch, mask_fn, dist) as seen:
+    with torch.no_grad(), perturbed_pair(model, params, seeds, eps, batch, mask_fn, dist, seq) as seen:
         losses = halves(model, repeated, batch).detach().double().reshape(-1)
     _check_all_used(seen, params)
     if losses.numel() != 2 * len(seeds):
