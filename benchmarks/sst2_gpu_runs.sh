@@ -11,12 +11,14 @@
 # SUITE:PATH,PATH runs only those paths. RUNS2 jobs start on BENCH_GPU once the benchmarks are done.
 # GPU_TESTS="tests/x.py ..." runs those tests on BENCH_GPU first (log: gpu-tests.log).
 # qst|mezo|smezo:LR:KEY=VALUE,KEY=VALUE passes finetune options to the job (e.g. qst:3e-3:downsample=pool,seed=1,
-# mezo:1e-5:zo_distribution=rank1,zo_paired=true).
+# mezo:1e-5:zo_distribution=rank1,zo_paired=true). max_steps=N gives one ZO run its own schedule (ZSTEPS is the
+# default): session 11 continued an 8,000-step run beside new 5,000- and 3,000-step ones in the same calls.
 # The ZO jobs keep checkpoints in /tmp/work: the same command again, while the machine is still warm, continues
 # them from where the time limit stopped them (the curve so far is read back from /tmp/res).
 # The machine stays warm only 30 s after a call: send the continuing call at once (in session 6 a later one found a
 # fresh machine and every checkpoint was gone). Five processes ran about 5-7 steps/s each on the H200; in
 # session 7, four with zo_paired=true: MeZO about 9 steps/s, Sparse-MeZO about 5.
+# Session 11, rank1 paired: four processes 5-6 steps/s each (q = 2: 4), two about 7 (a 3,000-step run took ~470 s).
 # RESTORE=DIR (an extracted sst2-runs.tgz, carried, or one committed: benchmarks/results/session7/sst2) continues
 # its ZO runs on a fresh machine: each run's newest checkpoint is kept in the results without its weights (light/),
 # and `--resume auto` rebuilds them by replaying the run's seeds and projected gradients (bit-exact on the same
