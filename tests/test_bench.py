@@ -47,10 +47,11 @@ def test_mezo_over_qlora_runs_on_the_nf4_base(tmp_path, monkeypatch):
 
 def test_in_place_sparse_mezo_path_tunes_the_decoder_matrices_against_both_baselines(tmp_path, monkeypatch):
     """qft-sparse-mezo-inplace: MeZO on the decoder's weight matrices under a magnitude mask, no delta tensors;
-    compared with two forwards and with the PEFT Sparse-MeZO's step."""
+    compared with two forwards and with the PEFT Sparse-MeZO's step; its ±1 and paired variants against it."""
     monkeypatch.setenv("QFT_BENCH_DIR", str(tmp_path))
+    inplace = ["qft-sparse-mezo-inplace", "qft-sparse-mezo-inplace-rademacher", "qft-sparse-mezo-inplace-paired"]
     r = run_suite("mezo", shape="tiny", batch=2, seq=32, steps=2, warmup=1, rank=4, gradient_checkpointing=False,
-                  out=None, log=lambda m: None, paths=["inference", "qft-sparse-mezo", "qft-sparse-mezo-inplace"])
+                  out=None, log=lambda m: None, paths=["inference", "qft-sparse-mezo", *inplace])
     for path, row in r["results"].items():
         assert "error" not in row, (path, row)
         assert row["peak_gib"] > 0 and row["step_ms"] > 0
@@ -58,8 +59,9 @@ def test_in_place_sparse_mezo_path_tunes_the_decoder_matrices_against_both_basel
     h, i, kv = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"] * c[
         "num_key_value_heads"]
     per_layer = h * h * 2 + h * kv * 2 + h * i * 3
-    assert r["results"]["qft-sparse-mezo-inplace"]["tuned_params"] == c["num_hidden_layers"] * per_layer
+    assert all(r["results"][p]["tuned_params"] == c["num_hidden_layers"] * per_layer for p in inplace)
     assert {"qft-sparse-mezo-inplace/inference", "qft-sparse-mezo-inplace/qft-sparse-mezo"} <= set(r["ratios"])
+    assert {f"{p}/qft-sparse-mezo-inplace" for p in inplace[1:]} <= set(r["ratios"])
 
 
 def test_paired_paths_with_one_and_four_directions_a_step(tmp_path, monkeypatch):

@@ -55,6 +55,8 @@ SUITES = {
         "qft-mezo-rank1-paired-q4": "qft MeZO rank1 with --zo-paired --zo-samples 4: four directions a step, one forward of the batch eight times",
         "qft-sparse-mezo": "qft Sparse-MeZO, density 0.2 of every linear layer (deltas of the smallest weights)",
         "qft-sparse-mezo-inplace": "qft Sparse-MeZO on the weights themselves (qft.zo.mask.MagnitudeMask, density 0.2 of every linear layer): no delta tensor",
+        "qft-sparse-mezo-inplace-rademacher": "qft Sparse-MeZO in place with ±1 directions (--zo-distribution rademacher)",
+        "qft-sparse-mezo-inplace-paired": "qft Sparse-MeZO in place with --zo-paired: both perturbed forwards as one forward of the batch twice",
         "inference-nf4": "two forward passes of the NF4 model (double quant, bf16 compute): 4-bit inference",
         "qft-mezo-qlora": "qft MeZO over LoRA (r = --lora-r, every linear layer) on the NF4 base (--zo-adapter qlora)",
     },
@@ -62,6 +64,8 @@ SUITES = {
 # which stock path each qft path is compared with (default: every path that does not start with "qft")
 BASELINES = {"qft-spiel-nf4": ("stock-trl",), "qft-spiel-bf16": ("stock-lora-bf16",),
              "qft-sparse-mezo": ("inference", "qft-mezo"), "qft-sparse-mezo-inplace": ("inference", "qft-sparse-mezo"),
+             **{p: ("inference", "qft-sparse-mezo-inplace") for p in ("qft-sparse-mezo-inplace-rademacher",
+                                                                      "qft-sparse-mezo-inplace-paired")},
              "qft-mezo-qlora": ("inference-nf4",), "qft-mezo-rank1-paired-q4": ("inference", "qft-mezo-rank1-paired"),
              **{p: ("inference", "mezo-plain") for p in ("qft-mezo", "qft-mezo-rademacher", "qft-mezo-rank1",
                                                        "qft-mezo-rank1-paired")}}

@@ -8,6 +8,8 @@ one forward of the batch twice, ``--zo-paired``), ``qft-mezo-rank1-paired-q4`` (
 of the batch eight times, ``--zo-paired --zo-samples 4``), ``qft-sparse-mezo`` (qft
 Sparse-MeZO at density 0.2 over every linear layer: the perturbed values are the selected entries' deltas),
 ``qft-sparse-mezo-inplace`` (the same selection on the weights themselves, ``qft.zo.mask.MagnitudeMask``: no deltas),
+``qft-sparse-mezo-inplace-rademacher`` and ``qft-sparse-mezo-inplace-paired`` (the same with ±1 directions, or with
+both forwards as one, ``--zo-paired``, as the SST-2 runs train it),
 ``inference-nf4`` and ``qft-mezo-qlora`` (two forwards of the NF4 model, and MeZO over LoRA on it: ZO at 4-bit
 inference memory, ``--zo-adapter qlora``).
 """
@@ -91,7 +93,7 @@ def build_step(path: str, model, batch: int, seq: int, rank: int = 16):
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     mask_fn = None
-    if path == "qft-sparse-mezo-inplace":  # the weights qft-sparse-mezo targets, themselves, masked by magnitude
+    if path.startswith("qft-sparse-mezo-inplace"):  # the weights qft-sparse-mezo targets, themselves, masked by magnitude
         from qft import SparseMezoConfig
         from qft.adapters.sparse_mezo import target_weights, tune_only
         from qft.zo.mask import MagnitudeMask
@@ -102,7 +104,8 @@ def build_step(path: str, model, batch: int, seq: int, rank: int = 16):
     params = [p for p in model.parameters() if p.requires_grad]  # all weights; Sparse-MeZO: its deltas
     loss_fn = lambda: model(input_ids=ids, labels=ids, use_cache=False).loss  # noqa: E731
     dist = {"qft-mezo-rademacher": "rademacher", "qft-mezo-rank1": "rank1",
-            "qft-mezo-rank1-paired": "rank1", "qft-mezo-rank1-paired-q4": "rank1"}.get(path, "gaussian")
+            "qft-mezo-rank1-paired": "rank1", "qft-mezo-rank1-paired-q4": "rank1",
+            "qft-sparse-mezo-inplace-rademacher": "rademacher"}.get(path, "gaussian")
     opt = ZoSGD(params, lr=1e-7, seed=0, dist=dist, mask_fn=mask_fn)
 
     def step_inference():
@@ -131,13 +134,14 @@ def build_step(path: str, model, batch: int, seq: int, rank: int = 16):
     def step_paired(q: int = 1):
         seeds = [opt.step_seed(j) for j in range(q)]
         gs, _ = zo_projected_grad_paired(model, params, seeds, 1e-3, {"input_ids": ids, "labels": ids},
-                                         lm_loss_halves, dist=dist)
+                                         lm_loss_halves, mask_fn, dist=dist)
         for seed, g in zip(seeds, gs.tolist()):
             opt.record(seed, g / q)
         opt.step()
 
     steps = {"inference": step_inference, "inference-nf4": step_inference, "mezo-plain": step_plain,
-             "qft-mezo-rank1-paired": step_paired, "qft-mezo-rank1-paired-q4": lambda: step_paired(4)}
+             "qft-mezo-rank1-paired": step_paired, "qft-mezo-rank1-paired-q4": lambda: step_paired(4),
+             "qft-sparse-mezo-inplace-paired": step_paired}
     return steps.get(path, step_qft), model
 
 
