@@ -101,13 +101,15 @@ def test_rank1_directions_on_the_gpu_match_the_reference():
 
 
 @pytest.mark.parametrize("dist", ["gaussian", "rank1"])
-def test_several_directions_in_one_paired_forward_on_the_gpu(dist):
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_several_directions_in_one_paired_forward_on_the_gpu(dist, family):
     """--zo-paired --zo-samples 3 on CUDA: the factors drawn by the kernel and stacked, the norms' copies made up
-    front; the forward equals the six perturbed forwards."""
-    from tests.test_zo import check_paired_forward_several
+    front; the forward equals the six perturbed forwards (OPT: flattened tokens; GPT-2: one row of position ids)."""
+    from tests.test_zo import _gpt2, check_paired_forward_several
     from tests.tiny import tiny_model
 
-    check_paired_forward_several(dist, lambda: tiny_model("llama"), device="cuda", atol=1e-4)
+    make = _gpt2 if family == "gpt2" else lambda: tiny_model(family)
+    check_paired_forward_several(dist, make, device="cuda", atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(2048, 14336), (4097, 1100)])
