@@ -130,8 +130,8 @@ class _Repeat(torch.utils.data.Dataset):
         return {"input_ids": self.ids, "labels": self.ids.clone(), "attention_mask": torch.ones_like(self.ids)}
 
 
-def _zo_trainer(tmp_path, max_steps, lr=3e-4, dist="gaussian", **kw):
-    model = tiny_model("llama")
+def _zo_trainer(tmp_path, max_steps, lr=3e-4, dist="gaussian", family="llama", **kw):
+    model = tiny_model(family)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
                              learning_rate=lr, lr_scheduler_type="constant", logging_steps=10, report_to="none",
                              use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0, **kw)
@@ -752,13 +752,14 @@ def test_paired_objective_must_give_one_loss_per_block():
         zo_projected_grad_paired(model, _params(model), [1, 2, 3], 1e-2, x, two_halves, dist="rank1")
 
 
-def test_paired_training_with_several_directions_a_step(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_paired_training_with_several_directions_a_step(tmp_path, family):
     """--zo-paired with --zo-samples 3: each step's three directions from one forward, recorded as unpaired ones
     would be (the same seeds, projected gradients to float rounding); the run's history replays to its weights
     bit for bit, and the loss falls."""
     runs = {}
     for paired in (False, True):
-        trainer = _zo_trainer(tmp_path / str(paired), max_steps=4, dist="rank1")
+        trainer = _zo_trainer(tmp_path / str(paired), max_steps=4, dist="rank1", family=family)
         trainer.zo.paired, trainer.zo.samples = paired, 3
         trainer.train()
         runs[paired] = trainer
@@ -766,12 +767,13 @@ def test_paired_training_with_several_directions_a_step(tmp_path):
     assert [len(e["directions"]) for e in hist[True]] == [3] * 4
     for a, b in zip(hist[False], hist[True]):
         assert [d[0] for d in a["directions"]] == [d[0] for d in b["directions"]]
+        # g = ΔL / 2eps: one float32 ulp of a loss near 4.8 (4.8e-7) moves g by 2.4e-4 at eps 1e-3
         torch.testing.assert_close([d[1] for d in b["directions"]], [d[1] for d in a["directions"]],
-                                   rtol=1e-3, atol=1e-5)
-    fresh = tiny_model("llama")
+                                   rtol=1e-3, atol=5e-4)
+    fresh = tiny_model(family)
     ZoSGD(_params(fresh), lr=3e-4, dist="rank1").replay(hist[True])
     assert all(torch.equal(p, q) for p, q in zip(_params(fresh), _params(runs[True].model)))
-    trainer = _zo_trainer(tmp_path / "long", max_steps=100, dist="rank1")
+    trainer = _zo_trainer(tmp_path / "long", max_steps=100, dist="rank1", family=family)
     trainer.zo.paired, trainer.zo.samples = True, 4
     before = _loss(trainer.model)
     trainer.train()
