@@ -545,37 +545,11 @@ def test_resume_from_a_checkpoint_without_weights(tiny_model_dir, jsonl, tmp_pat
                  log=lambda m: None, progress=False)
 
 
-def check_paired_forward(dist: str, seed: int = 9):
-    """perturbed_pair over the batch twice: the first half's logits are the +eps forward's, the second half's the
-    -eps forward's; every tuned tensor takes part. Returns the model and its weights before (shared with the
-    Triton-interpreter test, which runs it with the kernels' directions)."""
-    from qft.zo.spsa import perturbed_pair
-
-    model = tiny_model("llama")
-    params = _params(model)
-    before = [p.detach().clone() for p in params]
-    x = tiny_inputs(model)
-    b = x["input_ids"].shape[0]
-    with torch.no_grad():
-        with perturbed(model, params, seed, 1e-2, dist=dist):
-            plus = model(**x).logits
-        with perturbed(model, params, seed, -1e-2, dist=dist):
-            minus = model(**x).logits
-        with perturbed_pair(model, params, seed, 1e-2, b, dist=dist) as seen:
-            both = model(**{k: torch.cat([v, v]) for k, v in x.items()}).logits
-    assert len(seen) == len(params)
-    torch.testing.assert_close(both[:b], plus, atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(both[b:], minus, atol=2e-6, rtol=1e-5)
-    return model, before
-
-
 @pytest.mark.parametrize("dist", ["gaussian", "rank1"])
 def test_paired_forward_is_both_perturbed_forwards_in_one(dist):
     """rank1 matrices by a sign per row, norms by running their module once per half; the stored weights are
     untouched and the modules' own forwards come back."""
-    model, before = check_paired_forward(dist)
-    assert all(torch.equal(p, q) for p, q in zip(_params(model), before))
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    check_paired_forward_several(dist, seeds=9)
 
 
 def test_paired_projected_grad_matches_two_forwards_also_under_sparse_mezo():
@@ -602,8 +576,9 @@ def test_paired_projected_grad_matches_two_forwards_also_under_sparse_mezo():
 def check_paired_forward_several(dist: str, make=lambda: tiny_model("llama"), seeds=(3, 11, 40), device="cpu",
                                  atol=2e-6):
     """q seeds: one forward of the batch 2q times, block 2k seeing θ + eps·z_k and block 2k+1 θ − eps·z_k, as 2q
-    perturbed forwards would; the weights and the modules' forwards come back untouched (shared with the
-    Triton-interpreter test and the GPU test)."""
+    perturbed forwards would; every tuned tensor takes part, and the weights and the modules' forwards come back
+    untouched (shared with the Triton-interpreter test and the GPU test). ``seeds`` may be one int: perturbed_pair's
+    single-direction call, the batch twice."""
     from qft.zo.spsa import perturbed_pair
 
     model = make().to(device)
@@ -611,14 +586,16 @@ def check_paired_forward_several(dist: str, make=lambda: tiny_model("llama"), se
     before = [p.detach().clone() for p in params]
     x = {k: v.to(device) for k, v in tiny_inputs(model).items()}
     b = x["input_ids"].shape[0]
+    each = [seeds] if isinstance(seeds, int) else list(seeds)
     with torch.no_grad():
         refs = []
-        for seed in seeds:
+        for seed in each:
             for sign in (1.0, -1.0):
                 with perturbed(model, params, seed, sign * 1e-2, dist=dist):
                     refs.append(model(**x).logits)
-        with perturbed_pair(model, params, list(seeds), 1e-2, b, dist=dist, seq=x["input_ids"].shape[1]) as seen:
-            together = model(**{k: torch.cat([v] * (2 * len(seeds))) for k, v in x.items()}).logits
+        with perturbed_pair(model, params, seeds if isinstance(seeds, int) else each, 1e-2, b, dist=dist,
+                            seq=x["input_ids"].shape[1]) as seen:
+            together = model(**{k: torch.cat([v] * (2 * len(each))) for k, v in x.items()}).logits
     assert len(seen) == len(params)
     for j, ref in enumerate(refs):
         torch.testing.assert_close(together[j * b:(j + 1) * b], ref, atol=atol, rtol=1e-5)

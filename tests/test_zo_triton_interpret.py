@@ -207,9 +207,9 @@ def test_sparse_mezo_effective_weight_kernel_matches_the_torch_path(dtype, cols)
 @pytest.mark.parametrize("dist", ["gaussian", "rank1"])
 def test_paired_forward_with_the_kernels(ops, dist):
     """--zo-paired with the kernels' directions (the norms' copies made up front, rank1 factors in one launch)."""
-    from tests.test_zo import check_paired_forward, check_paired_forward_several
+    from tests.test_zo import check_paired_forward_several
 
-    check_paired_forward(dist, seed=3)
+    check_paired_forward_several(dist, seeds=3)  # one direction: the batch twice
     check_paired_forward_several(dist)  # q directions in one forward: the factors drawn by the kernel, stacked
 
 

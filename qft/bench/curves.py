@@ -5,7 +5,8 @@ same step count").
         benchmarks/results/sst2-zo-curves-session11.json:"(all weights), 3,000-step" --margin 2
 
 A curve is FILE (a results JSON holding one curve) or FILE:TEXT, the entry of ``methods`` named TEXT, or else the
-one whose name contains TEXT. Prints each common step's two accuracies and their difference, then how many reach the margin.
+one whose name contains TEXT. Prints each common step's two accuracies and their difference, then how many reach
+the margin.
 """
 
 from __future__ import annotations

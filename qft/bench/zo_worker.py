@@ -93,7 +93,7 @@ def build_step(path: str, model, batch: int, seq: int, rank: int = 16):
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     mask_fn = None
-    if path.startswith("qft-sparse-mezo-inplace"):  # the weights qft-sparse-mezo targets, themselves, masked by magnitude
+    if path.startswith("qft-sparse-mezo-inplace"):  # qft-sparse-mezo's weights, themselves, masked by magnitude
         from qft import SparseMezoConfig
         from qft.adapters.sparse_mezo import target_weights, tune_only
         from qft.zo.mask import MagnitudeMask
