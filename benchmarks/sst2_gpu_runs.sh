@@ -6,6 +6,8 @@
 #   e.g. RUNS="qst spiel:1e-3 mezo:1e-5 smezo:2e-5"
 # Carrying the kit (session 10: the working tree plus .kit/wheels and .kit/smollm2-a passed the 64 MiB limit):
 # .kit/wheels with .kit/sst2 in the first call, .kit/smollm2-a alone in a second, .kit/smollm2-b with this script.
+# Session 12: the tree had grown past what a 47 MB half leaves room for; benchmarks/kit_chunks.sh cuts the model into
+# .kit/zc1..zc3 instead: carry zc1 and zc2 alone (`cp .kit/zcN/part /tmp/zcN.part`), zc3 with this script.
 # BENCH="qst peqa mezo" runs `qft bench SUITE --shape llama3-8b` one after another on GPU BENCH_GPU while the
 # SST-2 jobs use GPU SST2_GPU (give both the same number on a one-GPU machine; the speed ratios then suffer);
 # SUITE:PATH,PATH runs only those paths. RUNS2 jobs start on BENCH_GPU once the benchmarks are done.
@@ -42,7 +44,12 @@ if [ -n "$RESTORE" ]; then  # an extracted sst2-runs.tgz of an earlier machine: 
   [ -d "$RESTORE/light" ] && cp -rn "$RESTORE"/light/. /tmp/work/  # weightless checkpoints: rebuilt by replay
   for f in "$RESTORE"/*.json; do [ -e "$f" ] && cp -n "$f" /tmp/res/; done  # their curves so far
 fi
-[ -s $G ] || cat /tmp/smollm2-a.part .kit/smollm2-b/part > $G
+for c in .kit/zc[0-9]/part; do [ -e "$c" ] && cp "$c" /tmp/$(basename "$(dirname "$c")").part; done
+if [ ! -s $G ]; then  # the model's chunks (kit_chunks.sh) in order, or the kit's two halves
+  if [ -e /tmp/zc1.part ]; then cat /tmp/zc[0-9].part > $G; else cat /tmp/smollm2-a.part .kit/smollm2-b/part > $G; fi ||
+    { rm -f $G; echo "sst2_gpu_runs: the model's parts are missing (/tmp/zc1.part... or /tmp/smollm2-a.part);" \
+        "fix: carry each chunk in a call of its own first (benchmarks/kit_chunks.sh)" >&2; exit 1; }
+fi
 M=$(python3 -c "from qft.models import default_model_path; print(default_model_path())" 2>/tmp/res/convert.log | tail -1)
 echo "model $M at $SECONDS s" >> /tmp/res/main.log
 P="python3 -m qft.bench.sst2 --model $M --data /tmp/sst2 --steps"

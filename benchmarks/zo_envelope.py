@@ -2,7 +2,11 @@
 >= MeZO + 2 at the same step count", read against the best run of each at that step, whatever its rate, schedule
 or directions). MeZO over an adapter (LoRA) is left out: it tunes other weights.
 
-    python benchmarks/zo_envelope.py [--margin 2] [FILES...]   (default: benchmarks/results/sst2-zo-curves*.json)
+``--schedule N`` keeps only runs of one shared N-step schedule (``max_steps`` N): each method's best rate among them
+at each step, the comparison at the same step count and the same schedule (session 12's 2,000-step study).
+
+    python benchmarks/zo_envelope.py [--margin 2] [--schedule N] [FILES...]
+    (default FILES: benchmarks/results/sst2-zo-curves*.json)
 """
 
 from __future__ import annotations
@@ -16,20 +20,23 @@ from qft.bench.curves import compare
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def kind(name: str, entry: dict) -> str | None:
-    """'sparse', 'mezo' (all weights) or None (an adapter's MeZO, or no curve)."""
+def kind(name: str, entry: dict, schedule: int | None = None) -> str | None:
+    """'sparse', 'mezo' (all weights) or None (an adapter's MeZO, no curve, or not of the ``schedule``-step
+    schedule when one is given)."""
     options = entry.get("options") or {}
     if not entry.get("curve") or "lora" in name.lower() or options.get("zo_adapter"):
+        return None
+    if schedule is not None and options.get("max_steps") != schedule:
         return None
     return "sparse" if "sparse" in name.lower() or options.get("method") == "sparse-mezo" else "mezo"
 
 
-def envelopes(files) -> dict[str, dict[int, tuple[float, str]]]:
-    """{'sparse' | 'mezo': {step: (best accuracy, 'file: entry')}}."""
+def envelopes(files, schedule: int | None = None) -> dict[str, dict[int, tuple[float, str]]]:
+    """{'sparse' | 'mezo': {step: (best accuracy, 'file: entry')}}, over the runs of one ``schedule`` if given."""
     best: dict[str, dict[int, tuple[float, str]]] = {"sparse": {}, "mezo": {}}
     for f in files:
         for name, entry in json.loads(Path(f).read_text())["methods"].items():
-            k = kind(name, entry) if isinstance(entry, dict) else None
+            k = kind(name, entry, schedule) if isinstance(entry, dict) else None
             for step, acc in entry["curve"] if k else ():
                 if acc > best[k].get(int(step), (-1.0, ""))[0]:
                     best[k][int(step)] = (float(acc), f"{Path(f).name}: {name}")
@@ -41,8 +48,12 @@ def main() -> None:
     ap.add_argument("files", nargs="*", default=sorted(str(p) for p in RESULTS.glob("sst2-zo-curves*.json")))
     ap.add_argument("--margin", type=float, default=2.0)
     ap.add_argument("--max-step", type=int, default=8000)
+    ap.add_argument("--schedule", type=int, default=None, help="only runs of this many steps' schedule")
     a = ap.parse_args()
-    best = envelopes(a.files)
+    best = envelopes(a.files, a.schedule)
+    if not best["sparse"] or not best["mezo"]:
+        ap.exit(1, f"zo_envelope: no Sparse-MeZO and MeZO curves of a {a.schedule}-step schedule in the files; "
+                   "fix: pass --schedule with a max_steps the runs share, or leave it out\n")
     as_curve = {k: [(s, acc) for s, (acc, _) in v.items() if s <= a.max_step] for k, v in best.items()}
     rows = compare(as_curve["sparse"], as_curve["mezo"])
     for s, x, y, d in rows:
