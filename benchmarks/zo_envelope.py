@@ -43,13 +43,13 @@ def envelopes(files, schedule: int | None = None) -> dict[str, dict[int, tuple[f
     return best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*", default=sorted(str(p) for p in RESULTS.glob("sst2-zo-curves*.json")))
     ap.add_argument("--margin", type=float, default=2.0)
     ap.add_argument("--max-step", type=int, default=8000)
     ap.add_argument("--schedule", type=int, default=None, help="only runs of this many steps' schedule")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     best = envelopes(a.files, a.schedule)
     if not best["sparse"] or not best["mezo"]:
         ap.exit(1, f"zo_envelope: no Sparse-MeZO and MeZO curves of a {a.schedule}-step schedule in the files; "

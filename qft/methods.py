@@ -43,7 +43,8 @@ METHODS = (
                "SST-2 85.1 over LoRA (5,000 steps); all weights 84.4 at best"),
     MethodInfo("sparse-mezo", "MeZO restricted to small-magnitude weights chosen per layer",
                "Liu et al., 2024, arXiv:2402.15751", True,
-               "a PEFT method; saves a sparse adapter; SST-2 85.4 at best, 84.9 at 8,000 steps (density 0.1)"),
+               "a PEFT method; saves a sparse adapter; SST-2 85.4 at best, 84.9 at 8,000 steps (density 0.1); "
+               "+2.9 over MeZO at 2,000 steps, rates tuned"),
 )
 
 BY_NAME = {m.name: m for m in METHODS}

@@ -1,6 +1,9 @@
-"""qft.bench.curves: two accuracy curves compared at their common steps, from results JSONs."""
+"""qft.bench.curves: two accuracy curves compared at their common steps, from results JSONs; and
+benchmarks/zo_envelope.py, the best run of each ZO method at each step."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +44,36 @@ def test_bad_curve_specs_end_with_one_line(tmp_path, capsys, spec, problem):
     assert exc.value.code != 0
     err = capsys.readouterr().err.strip()
     assert problem in err and "Fix:" in err and "Traceback" not in err and "\n" not in err
+
+
+def _envelope_script():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "zo_envelope.py"
+    spec = importlib.util.spec_from_file_location("zo_envelope", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_envelope_takes_the_best_rate_of_each_method_on_one_schedule(tmp_path, capsys):
+    env = _envelope_script()
+    f = tmp_path / "sst2-zo-curves-x.json"
+    f.write_text(json.dumps({"methods": {
+        "MeZO lr 2e-5, 2k": {"curve": [[1000, 74.0], [2000, 78.7]], "options": {"method": "mezo", "max_steps": 2000}},
+        "MeZO lr 3e-5, 2k": {"curve": [[1000, 76.3], [2000, 79.2]], "options": {"method": "mezo", "max_steps": 2000}},
+        "MeZO lr 1e-5, 8k": {"curve": [[1000, 79.0], [2000, 81.0]], "options": {"method": "mezo", "max_steps": 8000}},
+        "Sparse-MeZO lr 8e-5, 2k": {"curve": [[1000, 79.6], [2000, 82.1]],
+                                    "options": {"method": "sparse-mezo", "max_steps": 2000}},
+        "MeZO over LoRA, 2k": {"curve": [[1000, 90.0], [2000, 90.0]],
+                               "options": {"method": "mezo", "max_steps": 2000, "zo_adapter": "lora"}}}}))
+    env.main([str(f), "--schedule", "2000"])
+    out = capsys.readouterr().out
+    assert "sparse  79.60  mezo  76.30   +3.30  *" in out and "sparse  82.10  mezo  79.20   +2.90  *" in out
+    assert "8k" not in out and "LoRA" not in out
+    assert out.strip().endswith("sparse >= mezo + 2 at 2 of 2 common steps")
+    env.main([str(f)])  # every schedule: the 8,000-step MeZO run is the better one at both steps
+    assert "+1.10" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        env.main([str(f), "--schedule", "3000"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "3000-step schedule" in err and "fix:" in err and "\n" not in err
