@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     best = envelopes(a.files, a.schedule)
     if not best["sparse"] or not best["mezo"]:
-        ap.exit(1, f"zo_envelope: no Sparse-MeZO and MeZO curves of a {a.schedule}-step schedule in the files; "
-                   "fix: pass --schedule with a max_steps the runs share, or leave it out\n")
+        which, fix = ((f" of a {a.schedule}-step schedule", "pass --schedule with a max_steps the runs share, or leave "
+                       "it out") if a.schedule else ("", "pass curves files that hold both methods' runs"))
+        ap.exit(1, f"zo_envelope: no Sparse-MeZO and MeZO curves{which} in the files; fix: {fix}\n")
     as_curve = {k: [(s, acc) for s, (acc, _) in v.items() if s <= a.max_step] for k, v in best.items()}
     rows = compare(as_curve["sparse"], as_curve["mezo"])
     for s, x, y, d in rows:

@@ -77,3 +77,8 @@ def test_envelope_takes_the_best_rate_of_each_method_on_one_schedule(tmp_path, c
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip()
     assert "3000-step schedule" in err and "fix:" in err and "\n" not in err
+    (tmp_path / "empty.json").write_text(json.dumps({"methods": {}}))
+    with pytest.raises(SystemExit):
+        env.main([str(tmp_path / "empty.json")])
+    err = capsys.readouterr().err.strip()
+    assert "curves in the files" in err and "None" not in err and "fix:" in err
