@@ -5,7 +5,11 @@ or directions). MeZO over an adapter (LoRA) is left out: it tunes other weights.
 ``--schedule N`` keeps only runs of one shared N-step schedule (``max_steps`` N): each method's best rate among them
 at each step, the comparison at the same step count and the same schedule (session 12's 2,000-step study).
 
-    python benchmarks/zo_envelope.py [--margin 2] [--schedule N] [FILES...]
+``--mean-over-seeds`` first averages the runs of one setting (the same options but their seed; a run that names no
+seed ran with the Trainer's default, 42) at each step, then takes each method's best setting by that mean, among the
+settings run with ``--min-seeds`` seeds or more (default 2): the best of single runs picks the luckiest seed (session 13: seed 42's +2.9 at 2,000 steps was +0.6 over four seeds).
+
+    python benchmarks/zo_envelope.py [--margin 2] [--schedule N] [--mean-over-seeds] [FILES...]
     (default FILES: benchmarks/results/sst2-zo-curves*.json)
 """
 
@@ -31,15 +35,48 @@ def kind(name: str, entry: dict, schedule: int | None = None) -> str | None:
     return "sparse" if "sparse" in name.lower() or options.get("method") == "sparse-mezo" else "mezo"
 
 
-def envelopes(files, schedule: int | None = None) -> dict[str, dict[int, tuple[float, str]]]:
-    """{'sparse' | 'mezo': {step: (best accuracy, 'file: entry')}}, over the runs of one ``schedule`` if given."""
-    best: dict[str, dict[int, tuple[float, str]]] = {"sparse": {}, "mezo": {}}
+# options that name where a run wrote or read, not what it did: left out of a setting's identity
+NOT_SETTING = ("seed", "output", "data", "model", "overwrite", "logging_steps", "save_steps")
+DEFAULT_SEED = 42  # qft.train.TrainConfig.seed
+
+
+def runs(files, schedule: int | None = None):
+    """(kind, 'file: entry', options, curve) of every MeZO / Sparse-MeZO run with a curve (of one ``schedule``)."""
     for f in files:
         for name, entry in json.loads(Path(f).read_text())["methods"].items():
             k = kind(name, entry, schedule) if isinstance(entry, dict) else None
-            for step, acc in entry["curve"] if k else ():
-                if acc > best[k].get(int(step), (-1.0, ""))[0]:
-                    best[k][int(step)] = (float(acc), f"{Path(f).name}: {name}")
+            if k:
+                yield k, f"{Path(f).name}: {name}", entry.get("options") or {}, entry["curve"]
+
+
+def seed_means(found, min_seeds: int = 2) -> list:
+    """:func:`runs`' runs grouped by setting (their options less :data:`NOT_SETTING`), each as one run whose curve
+    is the mean over its seeds at each step (steps that every seed reached) and whose name says which seeds;
+    settings with fewer than ``min_seeds`` runs are left out (one lucky seed would win again)."""
+    groups: dict = {}
+    for k, name, options, curve in found:
+        key = (k, json.dumps({o: v for o, v in options.items() if o not in NOT_SETTING}, sort_keys=True))
+        groups.setdefault(key, []).append((name, options.get("seed", DEFAULT_SEED), dict(curve)))
+    out = []
+    for (k, _), members in groups.items():
+        if len(members) < min_seeds:
+            continue
+        steps = sorted(set.intersection(*(set(c) for _, _, c in members)))
+        mean = [(s, round(sum(c[s] for _, _, c in members) / len(members), 2)) for s in steps]
+        seeds = ", ".join(str(seed) for _, seed, _ in sorted(members, key=lambda m: m[1]))
+        out.append((k, f"mean of seeds {seeds}: {members[0][0]}", {}, mean))
+    return out
+
+
+def envelopes(files, schedule: int | None = None, min_seeds: int = 0) -> dict[str, dict[int, tuple[float, str]]]:
+    """{'sparse' | 'mezo': {step: (best accuracy, 'file: entry')}}, over the runs of one ``schedule`` if given; with
+    ``min_seeds``, over the mean of seeds of each setting run with that many seeds or more (:func:`seed_means`)."""
+    best: dict[str, dict[int, tuple[float, str]]] = {"sparse": {}, "mezo": {}}
+    found = list(runs(files, schedule))
+    for k, name, _, curve in seed_means(found, min_seeds) if min_seeds else found:
+        for step, acc in curve:
+            if acc > best[k].get(int(step), (-1.0, ""))[0]:
+                best[k][int(step)] = (float(acc), name)
     return best
 
 
@@ -49,8 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--margin", type=float, default=2.0)
     ap.add_argument("--max-step", type=int, default=8000)
     ap.add_argument("--schedule", type=int, default=None, help="only runs of this many steps' schedule")
+    ap.add_argument("--mean-over-seeds", action="store_true", help="compare settings by their mean over seeds")
+    ap.add_argument("--min-seeds", type=int, default=2, help="with --mean-over-seeds: settings run with this many "
+                    "seeds or more")
     a = ap.parse_args(argv)
-    best = envelopes(a.files, a.schedule)
+    if a.mean_over_seeds and a.min_seeds < 1:
+        ap.exit(2, f"zo_envelope: --min-seeds {a.min_seeds} keeps no setting; fix: pass --min-seeds 1 or more\n")
+    best = envelopes(a.files, a.schedule, a.min_seeds if a.mean_over_seeds else 0)
     if not best["sparse"] or not best["mezo"]:
         which, fix = ((f" of a {a.schedule}-step schedule", "pass --schedule with a max_steps the runs share, or leave "
                        "it out") if a.schedule else ("", "pass curves files that hold both methods' runs"))

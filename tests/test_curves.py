@@ -82,3 +82,30 @@ def test_envelope_takes_the_best_rate_of_each_method_on_one_schedule(tmp_path, c
         env.main([str(tmp_path / "empty.json")])
     err = capsys.readouterr().err.strip()
     assert "curves in the files" in err and "None" not in err and "fix:" in err
+
+
+def test_envelope_mean_over_seeds_compares_settings_not_lucky_runs(tmp_path, capsys):
+    env = _envelope_script()
+    opts = lambda method, lr, **kw: {"method": method, "max_steps": 2000, "learning_rate": lr, "output": f"/o/{kw}",  # noqa: E731
+                                     **kw}
+    f = tmp_path / "sst2-zo-curves-y.json"
+    f.write_text(json.dumps({"methods": {  # seed 42 named by no option: the Trainer's default
+        "MeZO 3e-5": {"curve": [[1000, 76.0], [2000, 79.0]], "options": opts("mezo", 3e-5)},
+        "MeZO 3e-5 s1": {"curve": [[1000, 74.0], [2000, 78.0]], "options": opts("mezo", 3e-5, seed=1)},
+        "Sparse 8e-5": {"curve": [[1000, 80.0], [2000, 82.0]], "options": opts("sparse-mezo", 8e-5)},
+        "Sparse 8e-5 s1": {"curve": [[1000, 74.0], [2000, 77.0]], "options": opts("sparse-mezo", 8e-5, seed=1)},
+        "Sparse 6e-5 s1": {"curve": [[1000, 75.0], [2000, 81.0]], "options": opts("sparse-mezo", 6e-5, seed=1)},
+        "Sparse 6e-5 s2": {"curve": [[1000, 77.0]], "options": opts("sparse-mezo", 6e-5, seed=2)},
+        "Sparse 1e-4 s1": {"curve": [[1000, 90.0], [2000, 90.0]], "options": opts("sparse-mezo", 1e-4, seed=1)}}}))
+    env.main([str(f), "--schedule", "2000"])  # best single runs: the one-seed 1e-4 run wins
+    assert "sparse  90.00  mezo  79.00  +11.00  *" in capsys.readouterr().out
+    env.main([str(f), "--schedule", "2000", "--mean-over-seeds"])
+    out = capsys.readouterr().out
+    # 1,000: 8e-5's mean 77.0 vs 6e-5's 76.0; 2,000 only 8e-5 has every seed (6e-5's seed 2 stopped at 1,000)
+    assert "1,000  sparse  77.00  mezo  75.00   +2.00  *" in out and "2,000  sparse  79.50  mezo  78.50   +1.00" in out
+    assert "mean of seeds 1, 42: " in out and "1e-4" not in out
+    env.main([str(f), "--schedule", "2000", "--mean-over-seeds", "--min-seeds", "1"])  # single seeds count again
+    assert "sparse  90.00" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        env.main([str(f), "--mean-over-seeds", "--min-seeds", "0"])
+    assert exc.value.code == 2 and "fix:" in capsys.readouterr().err
