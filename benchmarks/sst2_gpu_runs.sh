@@ -21,6 +21,8 @@
 # fresh machine and every checkpoint was gone). Five processes ran about 5-7 steps/s each on the H200; in
 # session 7, four with zo_paired=true: MeZO about 9 steps/s, Sparse-MeZO about 5.
 # Session 11, rank1 paired: four processes 5-6 steps/s each (q = 2: 4), two about 7 (a 3,000-step run took ~470 s).
+# Session 13, rank1 paired, six processes: 2,000 steps each in 360-420 s (MeZO 5.5 steps/s, Sparse-MeZO 5), all
+# six done 475 s into the call (LIMIT=540, the call's timeout 570; the model's conversion took 35-55 s of it).
 # RESTORE=DIR (an extracted sst2-runs.tgz, carried, or one committed: benchmarks/results/session7/sst2) continues
 # its ZO runs on a fresh machine: each run's newest checkpoint is kept in the results without its weights (light/),
 # and `--resume auto` rebuilds them by replaying the run's seeds and projected gradients (bit-exact on the same
