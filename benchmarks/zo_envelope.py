@@ -7,7 +7,9 @@ at each step, the comparison at the same step count and the same schedule (sessi
 
 ``--mean-over-seeds`` first averages the runs of one setting (the same options but their seed; a run that names no
 seed ran with the Trainer's default, 42) at each step, then takes each method's best setting by that mean, among the
-settings run with ``--min-seeds`` seeds or more (default 2): the best of single runs picks the luckiest seed (session 13: seed 42's +2.9 at 2,000 steps was +0.6 over four seeds).
+settings run with ``--min-seeds`` seeds or more (default 2): the best of single runs picks the luckiest seed
+(session 13: seed 42's +2.9 at 2,000 steps was +0.6 over four seeds). A run that several files hold (one session's
+run finished in a later one) counts once, as its longest curve.
 
     python benchmarks/zo_envelope.py [--margin 2] [--schedule N] [--mean-over-seeds] [FILES...]
     (default FILES: benchmarks/results/sst2-zo-curves*.json)
@@ -52,13 +54,18 @@ def runs(files, schedule: int | None = None):
 def seed_means(found, min_seeds: int = 2) -> list:
     """:func:`runs`' runs grouped by setting (their options less :data:`NOT_SETTING`), each as one run whose curve
     is the mean over its seeds at each step (steps that every seed reached) and whose name says which seeds;
-    settings with fewer than ``min_seeds`` runs are left out (one lucky seed would win again)."""
+    settings with fewer than ``min_seeds`` seeds are left out (one lucky seed would win again). One seed's run held
+    by several files (a run continued in a later session) counts once: its longest curve."""
     groups: dict = {}
     for k, name, options, curve in found:
         key = (k, json.dumps({o: v for o, v in options.items() if o not in NOT_SETTING}, sort_keys=True))
-        groups.setdefault(key, []).append((name, options.get("seed", DEFAULT_SEED), dict(curve)))
+        seed, curve = options.get("seed", DEFAULT_SEED), {int(s): float(a) for s, a in curve}
+        by_seed = groups.setdefault(key, {})
+        if len(curve) > len(by_seed.get(seed, (None, None, {}))[2]):
+            by_seed[seed] = (name, seed, curve)
     out = []
-    for (k, _), members in groups.items():
+    for (k, _), by_seed in groups.items():
+        members = list(by_seed.values())
         if len(members) < min_seeds:
             continue
         steps = sorted(set.intersection(*(set(c) for _, _, c in members)))
@@ -91,11 +98,14 @@ def main(argv: list[str] | None = None) -> None:
                     "seeds or more")
     a = ap.parse_args(argv)
     if a.mean_over_seeds and a.min_seeds < 1:
-        ap.exit(2, f"zo_envelope: --min-seeds {a.min_seeds} keeps no setting; fix: pass --min-seeds 1 or more\n")
+        ap.exit(2, f"zo_envelope: --min-seeds {a.min_seeds} is under 1 (a mean needs a run); fix: pass --min-seeds 1 "
+                "or more\n")
     best = envelopes(a.files, a.schedule, a.min_seeds if a.mean_over_seeds else 0)
     if not best["sparse"] or not best["mezo"]:
         which, fix = ((f" of a {a.schedule}-step schedule", "pass --schedule with a max_steps the runs share, or leave "
                        "it out") if a.schedule else ("", "pass curves files that hold both methods' runs"))
+        if a.mean_over_seeds:
+            which, fix = f"{which} run with {a.min_seeds} seeds or more", f"{fix}, or lower --min-seeds"
         ap.exit(1, f"zo_envelope: no Sparse-MeZO and MeZO curves{which} in the files; fix: {fix}\n")
     as_curve = {k: [(s, acc) for s, (acc, _) in v.items() if s <= a.max_step] for k, v in best.items()}
     rows = compare(as_curve["sparse"], as_curve["mezo"])

@@ -106,6 +106,16 @@ def test_envelope_mean_over_seeds_compares_settings_not_lucky_runs(tmp_path, cap
     assert "mean of seeds 1, 42: " in out and "1e-4" not in out
     env.main([str(f), "--schedule", "2000", "--mean-over-seeds", "--min-seeds", "1"])  # single seeds count again
     assert "sparse  90.00" in capsys.readouterr().out
+    g = tmp_path / "sst2-zo-curves-z.json"  # seed 42's MeZO run again, continued in a later session: counted once
+    g.write_text(json.dumps({"methods": {"MeZO 3e-5, finished": {"curve": [[1000, 76.0], [2000, 79.0], [3000, 80.0]],
+                                                                 "options": opts("mezo", 3e-5)}}}))
+    env.main([str(f), str(g), "--schedule", "2000", "--mean-over-seeds"])
+    out = capsys.readouterr().out
+    assert "mezo  78.50" in out and "42, 42" not in out and "3,000" not in out
+    with pytest.raises(SystemExit) as exc:
+        env.main([str(f), "--schedule", "2000", "--mean-over-seeds", "--min-seeds", "3"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and "run with 3 seeds or more" in err and "lower --min-seeds" in err and "\n" not in err
     with pytest.raises(SystemExit) as exc:
         env.main([str(f), "--mean-over-seeds", "--min-seeds", "0"])
     assert exc.value.code == 2 and "fix:" in capsys.readouterr().err
