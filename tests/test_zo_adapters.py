@@ -39,12 +39,17 @@ def test_zo_trains_only_the_adapter_and_it_reloads(name, tmp_path):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     tuned = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert frozen and tuned and sum(p.numel() for p in tuned.values()) < sum(p.numel() for p in frozen.values())
+    # PEQA at 1e-2 was too close to the bar: on session 13's machine (AMD EPYC, AVX2) seed 0 took the loss only
+    # 4.89 -> 4.82 in 150 steps (seeds 0-4: down 0.07 to 0.28), where an earlier machine had measured 4.69.
+    # At 2e-2 seeds 0-4 fell 0.18 to 0.34 there; lora and qlora at 1e-2 fell 0.18 or more (seeds 0-4 / 0-2)
+    lr = 2e-2 if name == "peqa" else 1e-2
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=150, per_device_train_batch_size=4,
-                             learning_rate=1e-2, lr_scheduler_type="constant", report_to="none", use_cpu=True,
+                             learning_rate=lr, lr_scheduler_type="constant", report_to="none", use_cpu=True,
                              disable_tqdm=True, save_strategy="no", seed=0)
     before = _loss(model)
     ZoTrainer(model=model, args=args, train_dataset=_Repeat(), zo=ZoArguments(eps=1e-3)).train()
-    # measured at 150 steps: lora 4.89 -> 4.66, qlora 4.90 -> 4.68, peqa 4.89 -> 4.69, spiel 4.89 -> 4.34
+    # measured at 150 steps, seed 0: lora 4.89 -> 4.66 (earlier machine) / 4.71 (session 13's), qlora 4.90 -> 4.68 /
+    # 4.72, peqa (2e-2) 4.89 -> 4.69 (session 13's), spiel 4.89 -> 4.34
     assert _loss(model) < before - 0.1
     params = dict(model.named_parameters())
     assert all(torch.equal(params[n], p) for n, p in frozen.items())  # the base (NF4 bytes included) is untouched
