@@ -60,18 +60,18 @@ def seed_means(found, min_seeds: int = 2) -> list:
     for k, name, options, curve in found:
         key = (k, json.dumps({o: v for o, v in options.items() if o not in NOT_SETTING}, sort_keys=True))
         seed, curve = options.get("seed", DEFAULT_SEED), {int(s): float(a) for s, a in curve}
-        by_seed = groups.setdefault(key, {})
-        if len(curve) > len(by_seed.get(seed, (None, None, {}))[2]):
-            by_seed[seed] = (name, seed, curve)
+        by_seed = groups.setdefault(key, {})  # {seed: (name, {step: accuracy})}
+        if seed not in by_seed or len(curve) > len(by_seed[seed][1]):
+            by_seed[seed] = (name, curve)
     out = []
     for (k, _), by_seed in groups.items():
-        members = list(by_seed.values())
-        if len(members) < min_seeds:
+        if len(by_seed) < min_seeds:
             continue
-        steps = sorted(set.intersection(*(set(c) for _, _, c in members)))
-        mean = [(s, round(sum(c[s] for _, _, c in members) / len(members), 2)) for s in steps]
-        seeds = ", ".join(str(seed) for _, seed, _ in sorted(members, key=lambda m: m[1]))
-        out.append((k, f"mean of seeds {seeds}: {members[0][0]}", {}, mean))
+        curves = [c for _, c in by_seed.values()]
+        steps = sorted(set.intersection(*map(set, curves)))
+        mean = [(s, round(sum(c[s] for c in curves) / len(curves), 2)) for s in steps]
+        first = next(iter(by_seed.values()))[0]
+        out.append((k, f"mean of seeds {', '.join(map(str, sorted(by_seed)))}: {first}", {}, mean))
     return out
 
 
