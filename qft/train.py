@@ -90,6 +90,10 @@ class FinetuneConfig:
         "help": "MeZO: both perturbed forwards as one forward of the batch twice (half the per-step Python and "
                 "kernel launches, which bound a small model's step on a GPU; twice the activations, but at the "
                 "Llama-3-8B shape the fastest ZO step, under the inference peak)."})
+    zo_defer: int = field(default=1, metadata={
+        "help": "MeZO with --zo-distribution rank1: write the weight matrices' rank-one updates every K steps, the "
+                "forwards between taking them in their hooks (one write of all weights per K steps, not per step: "
+                "the faster step on a large model)."})
     sparse_mezo_inplace: bool = field(default=False, metadata={
         "help": "Sparse-MeZO on the weights themselves (qft.zo.mask.MagnitudeMask: |θ_t| <= each layer's threshold, "
                 "the paper's mask) instead of a PEFT adapter's float32 deltas: inference memory; saves the same "
@@ -157,6 +161,11 @@ class FinetuneConfig:
         if self.zo_paired and self.method not in ("mezo", "sparse-mezo"):
             raise QftError(f"--zo-paired applies to mezo and sparse-mezo, not {self.method}",
                            "leave --zo-paired out, or pass --method mezo")
+        if self.zo_defer != 1 and (self.method not in ("mezo", "sparse-mezo") or self.zo_distribution != "rank1"
+                                   or self.zo_defer < 1):
+            raise QftError(f"--zo-defer {self.zo_defer} needs --method mezo or sparse-mezo with "
+                           "--zo-distribution rank1 and a count of 1 or more",
+                           "add --zo-distribution rank1, or leave --zo-defer out")
         if self.sparse_mezo_inplace and self.method != "sparse-mezo":
             raise QftError(f"--sparse-mezo-inplace applies to sparse-mezo, not {self.method}",
                            "leave --sparse-mezo-inplace out, or pass --method sparse-mezo")

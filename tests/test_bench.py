@@ -64,17 +64,17 @@ def test_in_place_sparse_mezo_path_tunes_the_decoder_matrices_against_both_basel
     assert {f"{p}/qft-sparse-mezo-inplace" for p in inplace[1:]} <= set(r["ratios"])
 
 
-def test_paired_paths_with_one_and_four_directions_a_step(tmp_path, monkeypatch):
-    """qft-mezo-rank1-paired-q4: four directions a step from one forward, against two forwards and against the
-    paired step of one direction."""
+def test_paired_paths_with_four_directions_a_step_or_deferred_writes(tmp_path, monkeypatch):
+    """qft-mezo-rank1-paired-q4: four directions a step from one forward; -defer4: the weights' updates written every
+    4 steps (5 steps here: one write); both against two forwards and against the paired step of one direction."""
     monkeypatch.setenv("QFT_BENCH_DIR", str(tmp_path))
-    r = run_suite("mezo", shape="tiny", batch=2, seq=32, steps=2, warmup=1, rank=4, gradient_checkpointing=False,
-                  out=None, log=lambda m: None,
-                  paths=["inference", "qft-mezo-rank1-paired", "qft-mezo-rank1-paired-q4"])
+    new = ["qft-mezo-rank1-paired-q4", "qft-mezo-rank1-paired-defer4"]
+    r = run_suite("mezo", shape="tiny", batch=2, seq=32, steps=3, warmup=2, rank=4, gradient_checkpointing=False,
+                  out=None, log=lambda m: None, paths=["inference", "qft-mezo-rank1-paired", *new])
     for path, row in r["results"].items():
         assert "error" not in row, (path, row)
         assert row["peak_gib"] > 0 and row["step_ms"] > 0
-    assert {"qft-mezo-rank1-paired-q4/inference", "qft-mezo-rank1-paired-q4/qft-mezo-rank1-paired"} <= set(r["ratios"])
+    assert {f"{p}/{base}" for p in new for base in ("inference", "qft-mezo-rank1-paired")} <= set(r["ratios"])
 
 
 def test_unknown_path_is_a_one_line_error(tmp_path, monkeypatch):

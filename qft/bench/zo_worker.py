@@ -5,7 +5,9 @@ reference per-tensor in-place loop: +eps, forward, -2eps, forward, +eps, update;
 ``qft-mezo`` (qft: perturbation inside each decoder layer's forward, fused Triton kernels), ``qft-mezo-rademacher``
 and ``qft-mezo-rank1`` (the same with ±1 or rank-one directions), ``qft-mezo-rank1-paired`` (rank1 with both forwards as
 one forward of the batch twice, ``--zo-paired``), ``qft-mezo-rank1-paired-q4`` (four directions a step in one forward
-of the batch eight times, ``--zo-paired --zo-samples 4``), ``qft-sparse-mezo`` (qft
+of the batch eight times, ``--zo-paired --zo-samples 4``), ``qft-mezo-rank1-paired-defer4`` and ``-defer8`` (the
+rank1 paired step with the weights' updates written every 4 or 8 steps, ``--zo-defer``; time a multiple of that
+many steps), ``qft-sparse-mezo`` (qft
 Sparse-MeZO at density 0.2 over every linear layer: the perturbed values are the selected entries' deltas),
 ``qft-sparse-mezo-inplace`` (the same selection on the weights themselves, ``qft.zo.mask.MagnitudeMask``: no deltas),
 ``qft-sparse-mezo-inplace-rademacher`` and ``qft-sparse-mezo-inplace-paired`` (the same with ±1 directions, or with
@@ -105,8 +107,10 @@ def build_step(path: str, model, batch: int, seq: int, rank: int = 16):
     loss_fn = lambda: model(input_ids=ids, labels=ids, use_cache=False).loss  # noqa: E731
     dist = {"qft-mezo-rademacher": "rademacher", "qft-mezo-rank1": "rank1",
             "qft-mezo-rank1-paired": "rank1", "qft-mezo-rank1-paired-q4": "rank1",
+            "qft-mezo-rank1-paired-defer4": "rank1", "qft-mezo-rank1-paired-defer8": "rank1",
             "qft-sparse-mezo-inplace-rademacher": "rademacher"}.get(path, "gaussian")
-    opt = ZoSGD(params, lr=1e-7, seed=0, dist=dist, mask_fn=mask_fn)
+    defer = int(path.rpartition("-defer")[2]) if "-defer" in path else 1
+    opt = ZoSGD(params, lr=1e-7, seed=0, dist=dist, mask_fn=mask_fn, defer=defer)
 
     def step_inference():
         with torch.no_grad():
@@ -134,13 +138,14 @@ def build_step(path: str, model, batch: int, seq: int, rank: int = 16):
     def step_paired(q: int = 1):
         seeds = [opt.step_seed(j) for j in range(q)]
         gs, _ = zo_projected_grad_paired(model, params, seeds, 1e-3, {"input_ids": ids, "labels": ids},
-                                         lm_loss_halves, mask_fn, dist=dist)
+                                         lm_loss_halves, mask_fn, dist=dist, pending=opt.deferred)
         for seed, g in zip(seeds, gs.tolist()):
             opt.record(seed, g / q)
         opt.step()
 
     steps = {"inference": step_inference, "inference-nf4": step_inference, "mezo-plain": step_plain,
              "qft-mezo-rank1-paired": step_paired, "qft-mezo-rank1-paired-q4": lambda: step_paired(4),
+             "qft-mezo-rank1-paired-defer4": step_paired, "qft-mezo-rank1-paired-defer8": step_paired,
              "qft-sparse-mezo-inplace-paired": step_paired}
     return steps.get(path, step_qft), model
 

@@ -67,6 +67,7 @@ def finetune_command(
     zo_objective: Optional[str] = typer.Option(None, "--zo-objective", help=H("zo_objective")),
     zo_distribution: Optional[str] = typer.Option(None, "--zo-distribution", help=H("zo_distribution")),
     zo_paired: Optional[bool] = typer.Option(None, "--zo-paired/--no-zo-paired", help=H("zo_paired")),
+    zo_defer: Optional[int] = typer.Option(None, "--zo-defer", help=H("zo_defer")),
     zo_adapter: Optional[str] = typer.Option(None, "--zo-adapter", help=H("zo_adapter")),
     sparse_mezo_inplace: Optional[bool] = typer.Option(None, "--sparse-mezo-inplace/--sparse-mezo-adapter",
                                                        help=H("sparse_mezo_inplace")),

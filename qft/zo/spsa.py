@@ -137,8 +137,9 @@ def _thresholds(mask_fn, ps) -> list[float] | None:
 
 
 def perturbed_copies(ps: Sequence[torch.Tensor], step_seed: int, indices: Sequence[int], scale: float,
-                     mask_fn: MaskFn | None = None, dist: str = "gaussian") -> list[torch.Tensor]:
-    """:func:`perturbed_copy` of each tensor; those the fused kernel takes go in one launch per dtype."""
+                     mask_fn: MaskFn | None = None, dist: str = "gaussian", pending=None) -> list[torch.Tensor]:
+    """:func:`perturbed_copy` of each tensor; those the fused kernel takes go in one launch per dtype. ``pending``
+    (:class:`qft.zo.defer.DeferredUpdates`): the matrices' updates not yet written go into their copies."""
     out = [None] * len(ps)
     fused = [k for k, p in enumerate(ps) if triton_ops.usable(p, mask_fn) and not _rank1(p, dist)]
     if fused:
@@ -150,6 +151,8 @@ def perturbed_copies(ps: Sequence[torch.Tensor], step_seed: int, indices: Sequen
     for k, p in enumerate(ps):
         if out[k] is None:
             out[k] = perturbed_copy(p, step_seed, indices[k], scale, mask_fn, dist)
+        if pending and indices[k] in pending.offsets:
+            pending.add_to(out[k], indices[k])
     return out
 
 
@@ -239,8 +242,22 @@ def _rank1_hooks(params, index, holders, hooked, step_seed: int, scale: float, s
 
 
 @contextlib.contextmanager
+def _taking(pending):
+    """Marks a ZO forward in progress: it takes ``pending``'s updates in its hooks and copies, so they need no
+    writing before it (:mod:`qft.zo.defer`)."""
+    if pending is None:
+        yield
+        return
+    pending.active += 1
+    try:
+        yield
+    finally:
+        pending.active -= 1
+
+
+@contextlib.contextmanager
 def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, scale: float,
-              mask_fn: MaskFn | None = None, dist: str = "gaussian"):
+              mask_fn: MaskFn | None = None, dist: str = "gaussian", pending=None):
     """Within the block, every forward of ``model`` sees ``θ + scale·z``; the stored θ is untouched.
 
     The module whose forward uses a parameter (see :func:`_runner`: its decoder layer, or its owner) gets a
@@ -250,6 +267,8 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
 
     With ``dist="rank1"``, a matrix held only by plain linear, embedding or Conv1D modules is not copied at
     all: a forward hook on each of its modules adds the rank-one term to the output (:mod:`qft.zo.lowrank`).
+    ``pending`` (:class:`qft.zo.defer.DeferredUpdates`): updates of those matrices not yet written into them, which
+    the forward then sees as if they were (in the same hooks' products, and in the copies).
     """
     index, holders, hooked, plan, _ = _layout(model, params, mask_fn, dist)
     seen: set[int] = set()
@@ -259,7 +278,7 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
 
         def pre_hook(module, args):
             ps = [holder._parameters[pname] for holder, pname in slots]
-            copies = perturbed_copies(ps, step_seed, [index[id(p)] for p in ps], scale, mask_fn, dist)
+            copies = perturbed_copies(ps, step_seed, [index[id(p)] for p in ps], scale, mask_fn, dist, pending)
             for (holder, pname), p, c in zip(slots, ps, copies):
                 saved.append((holder, pname, p))
                 seen.add(id(p))
@@ -277,13 +296,18 @@ def perturbed(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int, 
 
     handles, restorers = [], []
     try:
-        handles += _rank1_hooks(params, index, holders, hooked, step_seed, scale, seen)
+        if pending:  # the step's term and the pending updates', in one product a module
+            handles += _rank1_hooks_stacked(params, index, holders, hooked, [step_seed], torch.tensor([[scale]]),
+                                            seen, None, pending)
+        else:
+            handles += _rank1_hooks(params, index, holders, hooked, step_seed, scale, seen)
         for runner, slots in plan.values():
             pre, post, restore = make_hooks(slots)
             handles.append(runner.register_forward_pre_hook(pre))
             handles.append(runner.register_forward_hook(post, always_call=True))
             restorers.append(restore)
-        yield seen
+        with _taking(pending):
+            yield seen
     finally:
         for h in handles:
             h.remove()
@@ -296,7 +320,8 @@ PAIRED_READY_BYTES = 64 * 2**20  # up to this many bytes of tensors that take co
 
 @contextlib.contextmanager
 def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: int | Sequence[int], eps: float,
-                   batch: int, mask_fn: MaskFn | None = None, dist: str = "gaussian", seq: int | None = None):
+                   batch: int, mask_fn: MaskFn | None = None, dist: str = "gaussian", seq: int | None = None,
+                   pending=None):
     """Both of SPSA's forwards in one: within the block, a forward of ``model`` over ``2·batch`` rows (the batch
     twice) sees ``θ + eps·z`` on its first ``batch`` rows and ``θ − eps·z`` on the rest. Yields the set of
     parameter ids perturbed so far, as :func:`perturbed` does.
@@ -313,7 +338,7 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
     (tokens a row) their ``2q·batch·seq`` tokens flattened into one 2-D tensor, rows in order (OPT's feed-forward
     layers), or one row of indices that stands for every row (GPT-2's position ids: expanded, so that each block
     gets its own term). Any other input is refused: a mixture-of-experts layer's gathered tokens, say, whose rows
-    could not be told apart."""
+    could not be told apart. ``pending``: updates not yet written, as for :func:`perturbed`."""
     seeds = [step_seed] if isinstance(step_seed, int) else [int(s) for s in step_seed]
     blocks = [(seed, sign) for seed in seeds for sign in (1.0, -1.0)]  # block b: rows [b·batch, (b+1)·batch)
     rows_total = len(blocks) * batch
@@ -363,7 +388,8 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
                 ps = [holder._parameters[n] for holder, n in slots]
                 copies = [ready.get((id(p), b)) for p in ps]
                 if any(c is None for c in copies):
-                    copies = perturbed_copies(ps, seed, [index[id(p)] for p in ps], sign * eps, mask_fn, dist)
+                    copies = perturbed_copies(ps, seed, [index[id(p)] for p in ps], sign * eps, mask_fn, dist,
+                                              pending)
                 for (holder, n), c in zip(slots, copies):
                     holder._parameters[n] = c
                 try:
@@ -383,18 +409,23 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
     if sum(p.numel() * p.element_size() for p in split_ps) * len(seeds) <= PAIRED_READY_BYTES:
         for b, (seed, sign) in enumerate(blocks):  # norms and biases: all copies in one go (one launch per dtype
             # on a GPU), not two per module and forward
-            copies = perturbed_copies(split_ps, seed, [index[id(p)] for p in split_ps], sign * eps, mask_fn, dist)
+            copies = perturbed_copies(split_ps, seed, [index[id(p)] for p in split_ps], sign * eps, mask_fn, dist,
+                                      pending)
             ready.update(((id(p), b), c) for p, c in zip(split_ps, copies))
     handles, overridden = [], []
     try:
-        if len(seeds) == 1:
+        if len(seeds) == 1 and not pending:
             handles += _rank1_hooks(params, index, holders, hooked, seeds[0], eps, seen, check, rows_like)
-        else:
-            handles += _rank1_hooks_multi(params, index, holders, hooked, seeds, eps, seen, check)
+        else:  # block 2k: +eps along direction k, block 2k+1: -eps
+            coef = torch.zeros(2 * len(seeds), len(seeds))
+            k = torch.arange(len(seeds))
+            coef[2 * k, k], coef[2 * k + 1, k] = eps, -eps
+            handles += _rank1_hooks_stacked(params, index, holders, hooked, seeds, coef, seen, check, pending)
         for module, slots in splits.values():
             overridden.append((module, module.__dict__.get("forward")))
             module.forward = make_split(module, slots)  # an instance attribute: nn.Module.__call__ runs it
-        yield seen
+        with _taking(pending):
+            yield seen
     finally:
         for h in handles:
             h.remove()
@@ -405,30 +436,34 @@ def perturbed_pair(model: nn.Module, params: Sequence[nn.Parameter], step_seed: 
                 module.forward = own
 
 
-def _rank1_hooks_multi(params, index, holders, hooked, seeds: Sequence[int], eps: float, seen: set, check):
-    """:func:`_rank1_hooks` for q directions in one forward (:func:`perturbed_pair` with q seeds): each matrix's q
-    factor pairs, drawn per direction as for one and stacked (:func:`qft.zo.lowrank.stacked`), in one term of two
-    small products per module (:func:`qft.zo.lowrank.perturb_output_multi`)."""
+def _rank1_hooks_stacked(params, index, holders, hooked, seeds: Sequence[int], coef: torch.Tensor, seen: set, check,
+                         pending=None):
+    """:func:`_rank1_hooks` for q directions in one forward, and for updates not yet written (``pending``,
+    :class:`qft.zo.defer.DeferredUpdates`): each matrix's q factor pairs, drawn per direction as for one and stacked
+    (:func:`qft.zo.lowrank.stacked`), the pending ones below them, in one term of two small products per module
+    (:func:`qft.zo.lowrank.perturb_output_multi`). The forward's rows are ``coef.shape[0]`` blocks; block b gets
+    Σ_k coef[b, k]·u_k·v_kᵀ over the directions, and every block all the pending updates."""
     hooked = list(hooked)  # one order for the factors' offsets and the hooks
-    which = [index[pid] for pid in hooked]
-    if not which:
+    if not hooked:
         return []
+    which = pending.which if pending else [index[pid] for pid in hooked]  # pending: its rows' layout
     by_dir = []
     for seed in seeds:
         factors = _rank1_factors(params, which, seed)
         by_dir.append([factors[id(params[i])][torch.float32] for i in which])
     flat, offsets = lowrank.stacked(by_dir)
-    q = len(seeds)
-    cast: dict = {}  # (device, dtype) -> (the stacked factors, the 2q x q block signs) in that dtype
+    at = dict(zip(which, offsets))
+    if pending:
+        coef = torch.cat([coef, torch.ones(coef.shape[0], len(pending.rows))], 1)
+    cast: dict = {}  # (device, dtype) -> (the stacked factors, the blocks' coefficients) in that dtype
 
     def in_dtype(device, dtype):
         got = cast.get((device, dtype))
         if got is None:
-            sel = torch.zeros(2 * q, q)
-            k = torch.arange(q)
-            sel[2 * k, k], sel[2 * k + 1, k] = 1.0, -1.0
-            got = cast[(device, dtype)] = (flat.to(device=device, dtype=dtype),
-                                           sel.to(device=device, dtype=dtype)[:, None, :])  # 2q x 1 x q
+            stack = flat.to(device=device, dtype=dtype)
+            if pending:
+                stack = torch.cat([stack, pending.flat(dtype).to(device)])
+            got = cast[(device, dtype)] = (stack, coef.to(device=device, dtype=dtype)[:, None, :])  # blocks x 1 x cols
         return got
 
     def make(pid, holder, pname, offset):
@@ -439,12 +474,12 @@ def _rank1_hooks_multi(params, index, holders, hooked, seeds: Sequence[int], eps
             stack, sel = in_dtype(output.device, dtype)
             u, v = lowrank.split_stacked(stack, offset, shape)
             seen.add(pid)
-            return lowrank.perturb_output_multi(kind, x, output, u, v, eps, sel)
+            return lowrank.perturb_output_multi(kind, x, output, u, v, 1.0, sel)
 
         return hook
 
-    return [holder.register_forward_hook(make(pid, holder, n, offset), with_kwargs=True)
-            for pid, offset in zip(hooked, offsets) for _, holder, n in holders[pid]]
+    return [holder.register_forward_hook(make(pid, holder, n, at[index[pid]]), with_kwargs=True)
+            for pid in hooked for _, holder, n in holders[pid]]
 
 
 def _bucketed_pieces(params: Sequence[torch.Tensor], max_bytes: int):
@@ -464,15 +499,18 @@ def _bucketed_pieces(params: Sequence[torch.Tensor], max_bytes: int):
 
 def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tuple[int, float]], lr: float,
                   weight_decay: float = 0.0, decay_mask: Sequence[bool] | None = None,
-                  mask_fn: MaskFn | None = None, bucket_bytes: int = 256 * 2**20, dist: str = "gaussian") -> None:
-    """θ ← θ − lr·(Σ_j g_j·z_j + wd·θ), with z_j regenerated from seed j.
+                  mask_fn: MaskFn | None = None, bucket_bytes: int = 256 * 2**20, dist: str = "gaussian",
+                  skip: Sequence[int] = ()) -> None:
+    """θ ← θ − lr·(Σ_j g_j·z_j + wd·θ), with z_j regenerated from seed j; the tensors ``skip`` (indices into
+    ``params``, whose positions seed their directions) are left as they are.
 
     The adds run as ``torch._foreach`` ops over buckets of pieces (at most ``bucket_bytes`` of directions),
     so the extra memory is one bucket, never a copy of the parameters.
     """
+    skip = set(skip)
     with torch.no_grad():
         keep = 1.0 - lr * weight_decay if weight_decay and decay_mask is not None else 1.0
-        ranked = [i for i, p in enumerate(params) if _rank1(p, dist) and mask_fn is None]
+        ranked = [i for i, p in enumerate(params) if _rank1(p, dist) and mask_fn is None and i not in skip]
         # one rank-one add per matrix and direction, the decay folded into the first (masked: the torch path);
         # the factors of all matrices at once, those the step's forwards drew; the matrices the Triton kernel
         # takes, in one launch per shape (226 launches a step at the Llama-3-8B shape became five)
@@ -493,14 +531,14 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
                 if decay_mask[i]:
                     params[i].mul_(keep)
         fused = [i for i, p in enumerate(params)
-                 if triton_ops.usable(p, mask_fn) and not _rank1(p, dist)]
+                 if triton_ops.usable(p, mask_fn) and not _rank1(p, dist) and i not in skip]
         if fused:  # one fused read-modify-write per direction (one launch per dtype); the first folds in the decay
             decay = [bool(decay_mask[i]) for i in fused] if decay_mask is not None else None
             for j, (seed, g) in enumerate(seeds_and_grads):
                 triton_ops.axpby_multi_([params[i] for i in fused], [tensor_seed(seed, i) for i in fused], -lr * g,
                                         keep if j == 0 else 1.0, decay, _dense(dist),
                                         _thresholds(mask_fn, [params[i] for i in fused]))
-        done = set(fused) | set(ranked)
+        done = set(fused) | set(ranked) | skip
         rest = [i for i in range(len(params)) if i not in done]
         _torch_update(params, rest, seeds_and_grads, lr, weight_decay, decay_mask, mask_fn, bucket_bytes, dist)
 

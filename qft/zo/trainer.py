@@ -51,6 +51,11 @@ class ZoArguments:
                 "tensors: their module runs once per half). Half the Python and launches a step, which bound a small "
                 "model's step on a GPU; needs the LM loss or an objective with .halves (the label-word one)."})
 
+    defer: int = field(default=1, metadata={
+        "help": "rank1 only: write the weight matrices' rank-one updates every K steps; in between the perturbed "
+                "forwards take them in the same hooks' products (qft.zo.defer). One write of every weight per K "
+                "steps instead of one a step: the faster step at a large model's shape."})
+
     def __post_init__(self):
         if not self.eps > 0:
             raise QftError(f"zo eps must be positive, got {self.eps}", "pass e.g. --zo-eps 1e-3")
@@ -61,6 +66,9 @@ class ZoArguments:
                            "use the LM loss or --zo-objective label-words, or leave --zo-paired off")
         if self.samples < 1:
             raise QftError(f"zo samples must be at least 1, got {self.samples}", "pass --zo-samples 1 or more")
+        if self.defer > 1 and (self.distribution != "rank1" or self.mask_fn is not None):
+            raise QftError("--zo-defer keeps rank-one updates pending: it needs --zo-distribution rank1 and no mask",
+                           "pass --zo-distribution rank1 (not with --sparse-mezo-inplace), or leave --zo-defer at 1")
         if self.samples > 1 and getattr(self.mask_fn, "in_kernel", False):  # qft.zo.mask.MagnitudeMask
             raise QftError("a magnitude mask recomputed from the weights takes one direction a step (a second "
                            "direction's update would see weights the first one moved)", "pass --zo-samples 1")
@@ -97,13 +105,14 @@ def _check_all_used(seen: set, params) -> None:
 
 
 def zo_projected_grad(model, params, step_seed: int, eps: float, loss_fn, mask_fn: MaskFn | None = None,
-                      dist: str = "gaussian"):
-    """(g, mean loss) for one direction: two perturbed forwards; g is all-reduced across ranks."""
+                      dist: str = "gaussian", pending=None):
+    """(g, mean loss) for one direction: two perturbed forwards; g is all-reduced across ranks. ``pending``: the
+    optimizer's deferred updates (``ZoSGD.deferred``), which the forwards see."""
     with torch.no_grad():
-        with perturbed(model, params, step_seed, +eps, mask_fn, dist) as seen:
+        with perturbed(model, params, step_seed, +eps, mask_fn, dist, pending) as seen:
             loss_plus = loss_fn().detach().double()
         _check_all_used(seen, params)
-        with perturbed(model, params, step_seed, -eps, mask_fn, dist):
+        with perturbed(model, params, step_seed, -eps, mask_fn, dist, pending):
             loss_minus = loss_fn().detach().double()
     g = _all_reduce_mean((loss_plus - loss_minus) / (2 * eps))
     return g, (loss_plus + loss_minus) / 2
@@ -172,7 +181,7 @@ def lm_loss_halves(model, inputs, batch: int) -> torch.Tensor:
 
 
 def zo_projected_grad_paired(model, params, step_seed, eps: float, inputs: dict, halves,
-                             mask_fn: MaskFn | None = None, dist: str = "gaussian"):
+                             mask_fn: MaskFn | None = None, dist: str = "gaussian", pending=None):
     """:func:`zo_projected_grad` from one forward of the batch twice (:func:`qft.zo.spsa.perturbed_pair`);
     ``halves(model, repeated_inputs, batch)`` gives the objective of each block of ``batch`` rows.
 
@@ -183,7 +192,7 @@ def zo_projected_grad_paired(model, params, step_seed, eps: float, inputs: dict,
     batch, seq = first.shape[0], first.shape[1] if first.dim() > 1 else None
     repeated = {k: torch.cat([v] * (2 * len(seeds))) if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
                 for k, v in inputs.items()}
-    with torch.no_grad(), perturbed_pair(model, params, seeds, eps, batch, mask_fn, dist, seq) as seen:
+    with torch.no_grad(), perturbed_pair(model, params, seeds, eps, batch, mask_fn, dist, seq, pending) as seen:
         losses = halves(model, repeated, batch).detach().double().reshape(-1)
     _check_all_used(seen, params)
     if losses.numel() != 2 * len(seeds):
@@ -220,8 +229,40 @@ class ZoTrainerMixin:
                 raise QftError("the model has no trainable parameters for zeroth-order training",
                                "leave requires_grad on the parameters to tune (or wrap the model with a peft config)")
             self.optimizer = ZoSGD(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
-                                   seed=self.args.seed, mask_fn=self.zo.mask_fn, dist=self.zo.distribution)
+                                   seed=self.args.seed, mask_fn=self.zo.mask_fn, dist=self.zo.distribution,
+                                   defer=self.zo.defer)
+            if self.optimizer.deferred is not None:
+                self._zo_write_before_reads(self.optimizer)
         return self.optimizer
+
+    def _zo_write_before_reads(self, opt: ZoSGD) -> None:
+        """Deferred updates (``--zo-defer``) are written before anything but a ZO forward reads the weights: a
+        pre-hook on each module that holds a deferred matrix (evaluation, generation, a callback's forward) and one
+        on the model's state_dict (every save); checkpoints and the end of training write them too."""
+
+        def write(*_):
+            if opt.deferred is not None and not opt.deferred.active:
+                opt.flush()
+
+        deferred = {id(opt.params[i]) for i in opt.deferred.which}
+        holders = [m for m in self.model.modules() if any(id(p) in deferred for p in m.parameters(recurse=False))]
+        self._zo_write_hooks = [m.register_forward_pre_hook(write) for m in holders]
+        self._zo_write_hooks.append(self.model.register_state_dict_pre_hook(write))
+
+    def _zo_flush(self) -> None:
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        if isinstance(opt, ZoSGD):
+            opt.flush()
+
+    def _save_checkpoint(self, *args, **kwargs):
+        self._zo_flush()  # the checkpoint's weights hold every update its optimizer state lists
+        return super()._save_checkpoint(*args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._zo_flush()
 
     def _zo_loss(self, model, inputs):
         if self.zo.objective is not None:
@@ -249,12 +290,12 @@ class ZoTrainerMixin:
         if self.zo.paired:  # every direction in one forward of the batch 2q times
             halves = self.zo.objective.halves if self.zo.objective is not None else self._lm_halves
             gs, loss = zo_projected_grad_paired(model, opt.params, seeds, self.zo.eps, inputs, halves,
-                                                self.zo.mask_fn, self.zo.distribution)
+                                                self.zo.mask_fn, self.zo.distribution, opt.deferred)
         else:
             gs, losses = [], []
             for seed in seeds:
-                g, loss = zo_projected_grad(model, opt.params, seed, self.zo.eps,
-                                            lambda: self._zo_loss(model, inputs), self.zo.mask_fn, self.zo.distribution)
+                g, loss = zo_projected_grad(model, opt.params, seed, self.zo.eps, lambda: self._zo_loss(model, inputs),
+                                            self.zo.mask_fn, self.zo.distribution, opt.deferred)
                 gs.append(g)
                 losses.append(loss)
             loss = sum(losses) / len(losses)

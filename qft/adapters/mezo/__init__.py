@@ -30,7 +30,7 @@ def zo_plan(cfg, peft_config, over: MethodPlan | None = None) -> MethodPlan:
     from qft.zo.trainer import ZoArguments, zo_sft_trainer_cls
 
     zo = ZoArguments(eps=cfg.zo_eps, samples=cfg.zo_samples, distribution=cfg.zo_distribution,
-                     paired=cfg.zo_paired)
+                     paired=cfg.zo_paired, defer=cfg.zo_defer)
     return MethodPlan(
         load_base=over.load_base if over else float32_base,
         peft_config=over.peft_config if over else peft_config,
