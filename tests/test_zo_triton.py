@@ -112,6 +112,19 @@ def test_several_directions_in_one_paired_forward_on_the_gpu(dist, family):
     check_paired_forward_several(dist, make, device="cuda", atol=1e-4)
 
 
+@pytest.mark.parametrize("paired,samples", [(False, 1), (True, 1), (True, 2)], ids=["two-forwards", "paired", "q2"])
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_deferred_updates_on_the_gpu(family, paired, samples):
+    """--zo-defer on CUDA (float32 weights, the kernel's factors): the same gradients and weights as writing every
+    update at once, to TF32-free float32 rounding."""
+    from tests.test_zo import _gpt2
+    from tests.test_zo_defer import check_deferred_against_written
+    from tests.tiny import tiny_model
+
+    make = _gpt2 if family == "gpt2" else lambda: tiny_model(family)
+    check_deferred_against_written(make, paired, samples, device="cuda", g_tol=1e-3, w_tol=2e-5)
+
+
 @pytest.mark.parametrize("shape", [(2048, 14336), (4097, 1100)])
 def test_rank_one_add_kernel_on_the_gpu(shape):
     """rank1's outer-product add (hook outputs and updates) against float64 arithmetic, bf16, odd edges included."""
