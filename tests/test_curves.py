@@ -46,12 +46,52 @@ def test_bad_curve_specs_end_with_one_line(tmp_path, capsys, spec, problem):
     assert problem in err and "Fix:" in err and "Traceback" not in err and "\n" not in err
 
 
-def _envelope_script():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "zo_envelope.py"
-    spec = importlib.util.spec_from_file_location("zo_envelope", path)
+def _script(name: str = "zo_envelope"):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+_envelope_script = _script
+
+
+def test_collect_curves_labels_each_run_once_by_its_longest_curve(tmp_path):
+    """benchmarks/collect_curves.py: a curves file from runs' JSONs in several calls' folders; a run continued in a
+    later call counts once, as its longer curve, with its final evaluation; one it did not finish, its last point."""
+    collect = _script("collect_curves")
+    env = {"gpu": "H200"}
+
+    def run(folder, name, method, curve, accuracy=None, **options):
+        folder.mkdir(exist_ok=True)
+        options = {"method": method, "max_steps": 2000, "zo_distribution": "rank1", "zo_paired": True, **options}
+        (folder / f"{name}.json").write_text(json.dumps({"batch": 16, "environment": env, "methods": {
+            method: {"curve": curve, "accuracy": accuracy, "options": options}}}))
+
+    a, b = tmp_path / "call3", tmp_path / "call8"
+    run(a, "s1", "sparse-mezo", [[1000, 70.0], [1500, 75.0]], learning_rate=5e-5, density=0.3, seed=1)
+    run(b, "s1", "sparse-mezo", [[1000, 70.0], [1500, 75.0], [2000, 76.02]], 76.0, learning_rate=5e-5, density=0.3,
+        seed=1)
+    run(a, "m", "mezo", [[1000, 60.0], [2000, 61.0]], 61.0, learning_rate=1.4e-5)
+    run(b, "cut", "sparse-mezo", [[1000, 65.0]], learning_rate=8e-5, density=0.2, seed=42)
+    (b / "main.json").write_text("{}")  # not a run
+    out = tmp_path / "curves.json"
+    collect.main([str(a), str(b), "--out", str(out), "--note", "test"])
+    got = json.loads(out.read_text())
+    assert got["environment"] == env and got["note"] == "test" and got["batch"] == 16
+    assert got["methods"] == {
+        "MeZO lr 1.4e-5 rank1 paired (all weights), 2,000-step schedule": {
+            "last_step": 2000, "final_accuracy": 61.0, "options": dict(sorted({
+                "method": "mezo", "max_steps": 2000, "zo_distribution": "rank1", "zo_paired": True,
+                "learning_rate": 1.4e-5}.items())), "curve": [[1000, 60.0], [2000, 61.0]]},
+        **{k: got["methods"][k] for k in got["methods"] if k.startswith("Sparse")}}
+    s1 = got["methods"]["Sparse-MeZO lr 5e-5 rank1 paired density 0.3, 2,000-step schedule, seed 1"]
+    assert s1["last_step"] == 2000 and s1["final_accuracy"] == 76.0 and len(s1["curve"]) == 3
+    cut = got["methods"]["Sparse-MeZO lr 8e-5 rank1 paired density 0.2, 2,000-step schedule, seed 42"]
+    assert cut["last_step"] == 1000 and cut["final_accuracy"] == 65.0
+    with pytest.raises(SystemExit, match="no run with a curve"):
+        collect.main([str(tmp_path / "empty"), "--out", str(tmp_path / "x.json")])
 
 
 def test_envelope_takes_the_best_rate_of_each_method_on_one_schedule(tmp_path, capsys):
