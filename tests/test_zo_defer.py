@@ -37,10 +37,19 @@ def _run(model, defer: int, paired: bool, steps: int = 7, samples: int = 1):
     return opt, gs
 
 
+def _lora_llama():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+
+
 @pytest.mark.parametrize("paired,samples", [(False, 1), (True, 1), (True, 2)], ids=["two-forwards", "paired", "q2"])
-@pytest.mark.parametrize("make", [_tied_llama, lambda: tiny_model("opt"), _gpt2], ids=["llama-tied", "opt", "gpt2"])
+@pytest.mark.parametrize("make", [_tied_llama, lambda: tiny_model("opt"), _gpt2, _lora_llama],
+                         ids=["llama-tied", "opt", "gpt2", "lora"])
 def test_deferred_updates_train_as_written_ones(make, paired, samples):
-    """Linear, tied embedding, GPT-2 Conv1D (hooks) and OPT's position embedding (a copy) see the pending updates:
+    """Linear, tied embedding, GPT-2 Conv1D, LoRA's factors (hooks) and OPT's position embedding (a copy) see the
+    pending updates:
     every step's projected gradient and the final weights match writing each update at once; the writes happen every
     K steps and are marked in the history."""
     check_deferred_against_written(make, paired, samples)
@@ -62,7 +71,7 @@ def check_deferred_against_written(make, paired, samples, device="cpu", g_tol=2e
     opt.flush()
     assert not opt.deferred and opt.zo_state["history"][-1].get("flush")
     moved = max((a - b).abs().max().item() for a, b in zip(_params(eager), _params(start)))
-    assert moved > 0.03  # measured 0.06-0.08; the two ways of writing differ by 2e-6 at most
+    assert moved > 0.01  # measured 0.025 (LoRA) to 0.08; the two ways of writing differ by 2e-6 at most
     for a, b in zip(_params(eager), _params(deferred)):
         torch.testing.assert_close(a, b, rtol=0, atol=w_tol)
 

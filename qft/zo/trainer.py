@@ -244,6 +244,8 @@ class ZoTrainerMixin:
             if opt.deferred is not None and not opt.deferred.active:
                 opt.flush()
 
+        for handle in getattr(self, "_zo_write_hooks", ()):  # an earlier optimizer's
+            handle.remove()
         deferred = {id(opt.params[i]) for i in opt.deferred.which}
         holders = [m for m in self.model.modules() if any(id(p) in deferred for p in m.parameters(recurse=False))]
         self._zo_write_hooks = [m.register_forward_pre_hook(write) for m in holders]
