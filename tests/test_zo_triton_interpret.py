@@ -214,6 +214,17 @@ def test_paired_forward_with_the_kernels(ops, dist):
 
 
 @inside
+@pytest.mark.parametrize("paired,samples", [(False, 1), (True, 1), (True, 2)], ids=["two-forwards", "paired", "q2"])
+def test_deferred_updates_with_the_kernels(ops, paired, samples):
+    """--zo-defer against writing every step when the kernels draw the factors and write the updates (the rank-one
+    kernel for the written ones, one addmm a matrix for the deferred)."""
+    from tests.test_zo import _tied_llama
+    from tests.test_zo_defer import check_deferred_against_written
+
+    check_deferred_against_written(_tied_llama, paired, samples)
+
+
+@inside
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
 def test_masked_kernels_change_only_the_entries_under_each_tensors_threshold(ops, dtype, dist):
