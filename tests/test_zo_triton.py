@@ -139,6 +139,20 @@ def test_rank_one_add_kernel_on_the_gpu(shape):
     assert ((ours.double() - exact).abs() <= 2**-7 * exact.abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("shape,k", [((4096, 14336), 9), ((4097, 1100), 2)])
+def test_small_product_add_kernel_on_the_gpu(shape, k):
+    """The hooks' rank-k term (several directions, deferred updates) against float64 arithmetic, bf16, odd edges."""
+    torch.manual_seed(0)
+    out = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(shape[0], k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(k, shape[1], device="cuda", dtype=torch.bfloat16)
+    ours = out.clone()
+    triton_ops.addmm_small_(ours, a, b, -0.3)
+    exact = out.double() - 0.3 * a.double() @ b.double()
+    size = out.double().abs() + 0.3 * a.double().abs() @ b.double().abs()
+    assert ((ours.double() - exact).abs() <= 2**-7 * size + 1e-6).all()
+
+
 def test_rank_one_add_of_many_matrices_on_the_gpu():
     """rank1's update in one launch per shape equals one launch per matrix, bit for bit."""
     torch.manual_seed(0)

@@ -100,6 +100,32 @@ def test_rank_one_add_kernel_is_addr_to_the_dtypes_rounding(ops, dtype):
 
 @inside
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_product_add_kernel_is_addmm_to_the_dtypes_rounding(ops, dtype):
+    """The hooks' term of several directions or deferred updates, out += alpha·a @ b for a few columns: tiles at the
+    edges of odd shapes, one to sixteen columns, a strided b (a view of the stacked factors), both dtypes; the
+    multi-direction term takes it for a large enough output."""
+    torch.manual_seed(0)
+    for m, n, k in [(3, 5, 1), (33, 700, 2), (17, 257, 9), (1, 1, 16)]:
+        out, a = torch.randn(m, n).to(dtype), torch.randn(m, k).to(dtype)
+        b = torch.randn(k, 2 * n).to(dtype)[:, ::2]
+        ours = out.clone()
+        ops.addmm_small_(ours, a, b, -0.3)
+        exact = out.double() - 0.3 * a.double() @ b.double()  # float32 arithmetic inside
+        size = out.double().abs() + 0.3 * a.double().abs() @ b.double().abs()
+        ulp = 2.0**-23 if dtype == torch.float32 else 2.0**-7
+        assert ((ours.double() - exact).abs() <= 4 * ulp * size + 1e-6).all()
+    from qft.zo import lowrank
+
+    x, out = torch.randn(4, 6, 8), torch.randn(4, 6, 5)
+    u, v, sel = torch.randn(3, 5), torch.randn(3, 8), torch.randn(2, 3)
+    with torch.no_grad():
+        got = lowrank.perturb_output_multi("linear", x, out.clone(), u, v, 0.5, sel)
+    want = out + 0.5 * ((x @ v.t()).view(2, -1, 3) * sel[:, None, :]).view(4, 6, 3) @ u
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@inside
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rank_one_add_of_many_matrices_in_one_launch_per_shape_equals_each_alone(ops, dtype):
     """rank1's update: one launch per shape gives every matrix exactly what its own launch gives (its own factors
     and decay), with tiles at the edges of odd shapes."""

@@ -198,7 +198,11 @@ def perturb_output_multi(kind: str, inputs: torch.Tensor, out: torch.Tensor, u: 
     a = (a.reshape(signs.shape[0], -1, a.shape[-1]) * _as(signs, a.dtype)).reshape(-1, a.shape[-1])
     a, b = _as(a, out.dtype), _as(b, out.dtype)
     if not torch.is_grad_enabled() and out.is_contiguous():
-        out.view(-1, out.shape[-1]).addmm_(a, b, alpha=scale)
+        flat = out.view(-1, out.shape[-1])
+        if triton_ops.addr_usable(flat) and a.shape[-1] <= triton_ops.ADDMM_SMALL_MAX_K:
+            triton_ops.addmm_small_(flat, a, b, scale)  # one pass over the output, as for one direction
+        else:
+            flat.addmm_(a, b, alpha=scale)
         return out
     return out + scale * (a @ b).view(out.shape)
 

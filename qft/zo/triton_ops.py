@@ -147,6 +147,22 @@ if triton is not None:
         _addr_tile(out, a, b, m, n, beta, alpha, BM, BN)
 
     @triton.jit
+    def _addmm_small_kernel(out, a, b, m, n, k, alpha, BM: tl.constexpr, BN: tl.constexpr):
+        """out[i, j] += alpha·Σ_c a[i, c]·b[c, j] over tile (program_id(0), program_id(1)), for a few columns c
+        (``a``: m x k, ``b``: k x n, contiguous; float32 arithmetic): :func:`_addr_tile` with a loop over c."""
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        offs = rm[:, None].to(tl.int64) * n + rn[None, :]
+        inside = (rm[:, None] < m) & (rn[None, :] < n)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for c in range(k):
+            av = tl.load(a + rm.to(tl.int64) * k + c, mask=rm < m, other=0.0).to(tl.float32)
+            bv = tl.load(b + c * n + rn, mask=rn < n, other=0.0).to(tl.float32)
+            acc += av[:, None] * bv[None, :]
+        x = tl.load(out + offs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out + offs, (x + alpha * acc).to(out.dtype.element_ty), mask=inside)
+
+    @triton.jit
     def _addr_multi_kernel(base, table, n_mats, m, n, alpha, BM: tl.constexpr, BN: tl.constexpr,
                            ALIGN: tl.constexpr):
         """:func:`_addr_tile` of matrix program_id(2) of many of one shape: its out, a, b pointers and its beta
@@ -304,6 +320,23 @@ def addr_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, bet
     with _on(out.device):
         _addr_kernel[grid](out, a.contiguous(), b.contiguous(), m, n, float(beta), float(alpha),
                            BM=ADDR_BM, BN=ADDR_BN)
+
+
+ADDMM_SMALL_MAX_K = 16  # columns up to which addmm_small_ takes a product: past it a matrix product's tiles pay
+
+
+def addmm_small_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """In place: ``out ← out + alpha·a @ b`` for a contiguous matrix ``out`` and a few columns (``a``: m x k,
+    ``b``: k x n, k <= ADDMM_SMALL_MAX_K): the rank-k term of several rank1 directions and of deferred updates in the
+    forward hooks' outputs (:func:`qft.zo.lowrank.perturb_output_multi`). :func:`addr_`'s tiles with a loop over the
+    k columns: one read and one write of ``out``, where torch's ``addmm_`` runs a matrix product's kernel for an inner
+    dimension of 2 to 16. Written in session 14 after the 8B step with deferred updates (torch's ``addmm_`` in the
+    hooks) gained nothing over writing them; not yet timed on a GPU (tested under Triton's interpreter)."""
+    m, n = out.shape
+    grid = (triton.cdiv(m, ADDR_BM), triton.cdiv(n, ADDR_BN))
+    with _on(out.device):
+        _addmm_small_kernel[grid](out, a.contiguous(), b.contiguous(), m, n, a.shape[1], float(alpha),
+                                  BM=ADDR_BM, BN=ADDR_BN)
 
 
 def addr_multi_(outs: Sequence[torch.Tensor], a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], alpha: float,
