@@ -92,8 +92,8 @@ class FinetuneConfig:
                 "Llama-3-8B shape the fastest ZO step, under the inference peak)."})
     zo_defer: int = field(default=1, metadata={
         "help": "MeZO with --zo-distribution rank1: write the weight matrices' rank-one updates every K steps, the "
-                "forwards between taking them in their hooks (one write of all weights per K steps, not per step: "
-                "the faster step on a large model)."})
+                "forwards between taking them in their hooks (one pass over all weights per K steps, not per step; "
+                "at the Llama-3-8B shape on an H200 not yet faster, see the README)."})
     sparse_mezo_inplace: bool = field(default=False, metadata={
         "help": "Sparse-MeZO on the weights themselves (qft.zo.mask.MagnitudeMask: |θ_t| <= each layer's threshold, "
                 "the paper's mask) instead of a PEFT adapter's float32 deltas: inference memory; saves the same "

@@ -53,8 +53,8 @@ class ZoArguments:
 
     defer: int = field(default=1, metadata={
         "help": "rank1 only: write the weight matrices' rank-one updates every K steps; in between the perturbed "
-                "forwards take them in the same hooks' products (qft.zo.defer). One write of every weight per K "
-                "steps instead of one a step: the faster step at a large model's shape."})
+                "forwards take them in the same hooks' products (qft.zo.defer). One pass over every weight per K "
+                "steps instead of one a step (at the Llama-3-8B shape on an H200 not yet faster: see the README)."})
 
     def __post_init__(self):
         if not self.eps > 0:
