@@ -184,10 +184,12 @@ def split_stacked(flat: torch.Tensor, offset: int, shape) -> tuple[torch.Tensor,
 
 def perturb_output_multi(kind: str, inputs: torch.Tensor, out: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                          scale: float, signs: torch.Tensor) -> torch.Tensor:
-    """:func:`perturb_output` for q directions at once (``u``: q × m, ``v``: q × n, row k direction k's factors), over
-    a batch of 2q blocks of rows: block 2k sees W + scale·u_k·v_kᵀ, block 2k+1 W − scale·u_k·v_kᵀ. ``signs`` is
-    the 2q × q matrix of those ±1 (0 elsewhere), or its 2q × 1 × q view. Each row's term is picked by a product with
-    its block's row of ``signs``, so the whole term is two small matrix products, whatever q."""
+    """:func:`perturb_output` for several rank-one terms at once (``u``: c × m, ``v``: c × n, row k term k's factors),
+    over a batch of B blocks of rows: block b sees W + scale·Σ_k signs[b, k]·u_k·v_kᵀ. ``signs`` is B × c, or its
+    B × 1 × c view: for q paired directions the 2q × q matrix of ±1 (block 2k +, block 2k+1 −, 0 elsewhere); the ZO
+    hooks pass ±eps there and scale 1, with a column of ones for each deferred update (:mod:`qft.zo.defer`). Each
+    row's term is picked by a product with its block's row of ``signs``, so the whole term is two small matrix
+    products, whatever c."""
     if kind == "linear":  # W: out × in
         a, b = inputs @ _as(v, inputs.dtype).t(), u
     elif kind == "conv1d":  # W: in × out
