@@ -61,7 +61,7 @@ def collect(folders, note: str) -> dict:
             for method, r in run["methods"].items():
                 if not r.get("curve"):
                     continue
-                options = {k: v for k, v in sorted(r.get("options", {}).items())}
+                options = dict(sorted(r.get("options", {}).items()))
                 name = label(method, options)
                 last, acc = r["curve"][-1]
                 finished = last == options.get("max_steps") and r.get("accuracy") is not None

@@ -46,15 +46,12 @@ def test_bad_curve_specs_end_with_one_line(tmp_path, capsys, spec, problem):
     assert problem in err and "Fix:" in err and "Traceback" not in err and "\n" not in err
 
 
-def _script(name: str = "zo_envelope"):
+def _script(name: str):
     path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-_envelope_script = _script
 
 
 def test_collect_curves_labels_each_run_once_by_its_longest_curve(tmp_path):
@@ -95,7 +92,7 @@ def test_collect_curves_labels_each_run_once_by_its_longest_curve(tmp_path):
 
 
 def test_envelope_takes_the_best_rate_of_each_method_on_one_schedule(tmp_path, capsys):
-    env = _envelope_script()
+    env = _script("zo_envelope")
     f = tmp_path / "sst2-zo-curves-x.json"
     f.write_text(json.dumps({"methods": {
         "MeZO lr 2e-5, 2k": {"curve": [[1000, 74.0], [2000, 78.7]], "options": {"method": "mezo", "max_steps": 2000}},
@@ -125,7 +122,7 @@ def test_envelope_takes_the_best_rate_of_each_method_on_one_schedule(tmp_path, c
 
 
 def test_envelope_mean_over_seeds_compares_settings_not_lucky_runs(tmp_path, capsys):
-    env = _envelope_script()
+    env = _script("zo_envelope")
     opts = lambda method, lr, **kw: {"method": method, "max_steps": 2000, "learning_rate": lr, "output": f"/o/{kw}",  # noqa: E731
                                      **kw}
     f = tmp_path / "sst2-zo-curves-y.json"
