@@ -106,3 +106,19 @@ def test_zo_profiler_reports_each_path(tmp_path):
         assert row["wall_ms"] > 0 and row["process_cpu_ms"] > 0 and row["top_cpu_ops"]
     # the rank-one hooks show: a matrix-vector product and an outer-product add per matrix and forward
     assert any("addr" in op["name"] for op in paths["qft-mezo-rank1"]["top_cpu_ops"])
+
+
+def test_zo_profiler_idle_gaps_are_the_spans_with_no_kernel():
+    """profile_zo's GPU busy time is the union of the kernels' intervals, and its gaps are what lies between them,
+    longest first, each named by the kernels around it (overlapping and nested kernels counted once)."""
+    from types import SimpleNamespace as NS
+
+    from tests.test_curves import _script  # loads a benchmarks/ script as a module
+
+    prof = _script("profile_zo")
+    k = lambda name, a, b: NS(name=name, time_range=NS(start=a, end=b))  # noqa: E731 (microseconds)
+    kernels = [k("mm", 0, 1000), k("add", 500, 800), k("addr", 1200, 2000), k("copy", 5000, 5500),
+               k("norm", 5400, 6000)]
+    busy, gaps = prof._idle(kernels, 2, top=5)
+    assert busy == (1000 + 800 + 1000) / 1000 / 2  # ms a step, over 2 steps
+    assert gaps == [{"ms": 3.0, "after": "addr", "before": "copy"}, {"ms": 0.2, "after": "mm", "before": "addr"}]

@@ -107,13 +107,15 @@ def test_small_product_add_kernel_is_addmm_to_the_dtypes_rounding(ops, dtype):
     torch.manual_seed(0)
     for m, n, k in [(3, 5, 1), (33, 700, 2), (17, 257, 9), (1, 1, 16)]:
         out, a = torch.randn(m, n).to(dtype), torch.randn(m, k).to(dtype)
-        b = torch.randn(k, 2 * n).to(dtype)[:, ::2]
-        ours = out.clone()
-        ops.addmm_small_(ours, a, b, -0.3)
-        exact = out.double() - 0.3 * a.double() @ b.double()  # float32 arithmetic inside
-        size = out.double().abs() + 0.3 * a.double().abs() @ b.double().abs()
-        ulp = 2.0**-23 if dtype == torch.float32 else 2.0**-7
-        assert ((ours.double() - exact).abs() <= 4 * ulp * size + 1e-6).all()
+        b = torch.randn(k, 2 * n).to(dtype)[:, ::2]  # a column stride of 2: copied
+        rows = torch.randn(k, n + 7).to(dtype)[:, :n]  # a row stride past n: read in place
+        for b in (b, rows):
+            ours = out.clone()
+            ops.addmm_small_(ours, a, b, -0.3)
+            exact = out.double() - 0.3 * a.double() @ b.double()  # float32 arithmetic inside
+            size = out.double().abs() + 0.3 * a.double().abs() @ b.double().abs()
+            ulp = 2.0**-23 if dtype == torch.float32 else 2.0**-7
+            assert ((ours.double() - exact).abs() <= 4 * ulp * size + 1e-6).all()
     from qft.zo import lowrank
 
     x, out = torch.randn(4, 6, 8), torch.randn(4, 6, 5)

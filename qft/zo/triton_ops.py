@@ -58,6 +58,12 @@ def usable(p: torch.Tensor, mask_fn=None) -> bool:
             and p.numel() < MAX_NUMEL and os.environ.get("QFT_ZO_TRITON", "1") != "0")
 
 
+def _interpreted() -> bool:
+    """Whether Triton's CPU interpreter runs the kernels: its tile product reads bfloat16 tiles as integers, so
+    :func:`addmm_small_` multiplies them as float32 there (the same products; only the summation order may differ)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _seed32(seed: int) -> int:
     return int(seed % (2**31 - 1))
 
@@ -147,18 +153,25 @@ if triton is not None:
         _addr_tile(out, a, b, m, n, beta, alpha, BM, BN)
 
     @triton.jit
-    def _addmm_small_kernel(out, a, b, m, n, k, alpha, BM: tl.constexpr, BN: tl.constexpr):
-        """out[i, j] += alpha·Σ_c a[i, c]·b[c, j] over tile (program_id(0), program_id(1)), for a few columns c
-        (``a``: m x k, ``b``: k x n, contiguous; float32 arithmetic): :func:`_addr_tile` with a loop over c."""
+    def _addmm_small_kernel(out, a, b, m, n, k, sa, sb, alpha, BM: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, F32: tl.constexpr):
+        """out[i, j] += alpha·Σ_c a[i, c]·b[c, j] over tile (program_id(0), program_id(1)), for k <= BK columns c
+        (``a``: m x k, row stride ``sa``; ``b``: k x n, row stride ``sb``; unit column strides): one BM x BK and one
+        BK x BN load, then one tile product with float32 accumulation (``F32``: operands multiplied as float32, not
+        TF32 or bfloat16)."""
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        at = tl.load(a + rm[:, None].to(tl.int64) * sa + rk[None, :], mask=(rm[:, None] < m) & (rk[None, :] < k),
+                     other=0.0)
+        bt = tl.load(b + rk[:, None].to(tl.int64) * sb + rn[None, :], mask=(rk[:, None] < k) & (rn[None, :] < n),
+                     other=0.0)
+        if F32:
+            acc = tl.dot(at.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(at, bt)
         offs = rm[:, None].to(tl.int64) * n + rn[None, :]
         inside = (rm[:, None] < m) & (rn[None, :] < n)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for c in range(k):
-            av = tl.load(a + rm.to(tl.int64) * k + c, mask=rm < m, other=0.0).to(tl.float32)
-            bv = tl.load(b + c * n + rn, mask=rn < n, other=0.0).to(tl.float32)
-            acc += av[:, None] * bv[None, :]
         x = tl.load(out + offs, mask=inside, other=0.0).to(tl.float32)
         tl.store(out + offs, (x + alpha * acc).to(out.dtype.element_ty), mask=inside)
 
@@ -327,16 +340,19 @@ ADDMM_SMALL_MAX_K = 16  # columns up to which addmm_small_ takes a product: past
 
 def addmm_small_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
     """In place: ``out ← out + alpha·a @ b`` for a contiguous matrix ``out`` and a few columns (``a``: m x k,
-    ``b``: k x n, k <= ADDMM_SMALL_MAX_K): the rank-k term of several rank1 directions and of deferred updates in the
-    forward hooks' outputs (:func:`qft.zo.lowrank.perturb_output_multi`). :func:`addr_`'s tiles with a loop over the
-    k columns: one read and one write of ``out``, where torch's ``addmm_`` runs a matrix product's kernel for an inner
-    dimension of 2 to 16. Written in session 14 after the 8B step with deferred updates (torch's ``addmm_`` in the
-    hooks) gained nothing over writing them; not yet timed on a GPU (tested under Triton's interpreter)."""
+    ``b``: k x n, k <= ADDMM_SMALL_MAX_K, each with unit column stride or copied to it): the rank-k term of several
+    rank1 directions and of deferred updates in the forward hooks' outputs
+    (:func:`qft.zo.lowrank.perturb_output_multi`). :func:`addr_`'s tiles, each with one tile product of inner
+    dimension 16: one read and one write of ``out``, where torch's ``addmm_`` runs a matrix product's kernel.
+    ``a`` and ``b`` share ``out``'s dtype (float32 ones are multiplied as float32, not TF32)."""
     m, n = out.shape
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    b = b if b.stride(-1) == 1 else b.contiguous()
     grid = (triton.cdiv(m, ADDR_BM), triton.cdiv(n, ADDR_BN))
     with _on(out.device):
-        _addmm_small_kernel[grid](out, a.contiguous(), b.contiguous(), m, n, a.shape[1], float(alpha),
-                                  BM=ADDR_BM, BN=ADDR_BN)
+        _addmm_small_kernel[grid](out, a, b, m, n, a.shape[1], a.stride(0), b.stride(0), float(alpha),
+                                  BM=ADDR_BM, BN=ADDR_BN, BK=ADDMM_SMALL_MAX_K,
+                                  F32=a.dtype == torch.float32 or _interpreted())
 
 
 def addr_multi_(outs: Sequence[torch.Tensor], a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], alpha: float,
