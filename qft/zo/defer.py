@@ -7,8 +7,10 @@ forward hooks that add a step's rank-one perturbation already compute x·v and a
 layer's output; they take the pending updates in the same two products (x·[v_0 … v_P] and one add of inner
 dimension 1 + P, :func:`qft.zo.lowrank.perturb_output_multi`), so a pending update costs a forward little, and the
 weights are read and written once every K steps (W += Uᵀ·V over the P pending factor pairs: one addmm a matrix).
-Measured in session 14 at that shape (K = 4, 8): no faster, with torch's ``addmm_`` taking the hooks' products; the
-Triton ``addmm_small_`` written since is not yet timed (README, MeZO speed).
+Measured in session 14 at that shape (K = 4, 8), it was no faster with torch's ``addmm_`` taking the hooks'
+products. In session 15, with Triton's ``addmm_small_`` and padded factors, the GPU's busy time fell below the
+paired step's (130.1 against 133.5 ms), but the wall time did not follow (1.15× to 1.24× two forwards against 1.15×
+to 1.21× paired). The step is bound by its Python (README, MeZO speed).
 
 The model computes the same function as with the updates written, up to rounding (in bfloat16 the K updates are
 rounded into the weights once, not K times). Whatever reads the weights other than a ZO forward must see them
