@@ -3,8 +3,8 @@
 For each path it times steps (wall clock, synchronized), then profiles a few and records the GPU's busy time
 (the union of its kernels' intervals: the rest of the wall time the GPU waits for the CPU or a sync), the
 longest idle gaps with the kernels around them, the kernel launches a step, and the ops that take the most GPU
-and CPU time. The model is a random-weight Llama of one
-of qft's benchmark shapes, built in memory (bf16 on a GPU, float32 on a CPU).
+and CPU time. The model is a random-weight Llama of one of qft's benchmark shapes, built in memory (bf16 on a GPU,
+float32 on a CPU).
 
     python benchmarks/profile_zo.py --shape llama3-8b --paths inference,qft-mezo-rank1 --out prof.json
 """
@@ -70,9 +70,10 @@ def profile_path(path: str, model, batch: int, seq: int, warmup: int, steps: int
         sync()
     events = prof.key_averages()
     ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
-    names = {e.name for e in _kernels(prof)}
+    timeline = _kernels(prof)
+    names = {e.name for e in timeline}
     kernels = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU and e.key in names]
-    busy, gaps = _idle(_kernels(prof), n, top) if cuda else (None, [])
+    busy, gaps = _idle(timeline, n, top) if cuda else (None, [])
     row = lambda e, ms: {"name": e.key[:120], "ms_per_step": round(ms / n, 3), "calls_per_step": e.count / n}  # noqa
     return {
         "wall_ms": round(wall, 2), "process_cpu_ms": round(cpu, 2),

@@ -107,9 +107,9 @@ def test_small_product_add_kernel_is_addmm_to_the_dtypes_rounding(ops, dtype):
     torch.manual_seed(0)
     for m, n, k in [(3, 5, 1), (33, 700, 2), (17, 257, 9), (1, 1, 16)]:
         out, a = torch.randn(m, n).to(dtype), torch.randn(m, k).to(dtype)
-        b = torch.randn(k, 2 * n).to(dtype)[:, ::2]  # a column stride of 2: copied
+        strided = torch.randn(k, 2 * n).to(dtype)[:, ::2]  # a column stride of 2: copied
         rows = torch.randn(k, n + 7).to(dtype)[:, :n]  # a row stride past n: read in place
-        for b in (b, rows):
+        for b in (strided, rows):
             ours = out.clone()
             ops.addmm_small_(ours, a, b, -0.3)
             exact = out.double() - 0.3 * a.double() @ b.double()  # float32 arithmetic inside
