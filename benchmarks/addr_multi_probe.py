@@ -31,7 +31,7 @@ def _pointer_table(table, n_mats, m, n, alpha, DTYPE: tl.constexpr, BM: tl.const
     out = tl.load(table + t).to(tl.pointer_type(DTYPE))
     a = tl.load(table + n_mats + t).to(tl.pointer_type(DTYPE))
     b = tl.load(table + 2 * n_mats + t).to(tl.pointer_type(DTYPE))
-    triton_ops._addr_tile(out, a, b, m, n, 1.0, alpha, BM, BN)
+    triton_ops._addr_tile(out, a, b, m, n, 1.0, alpha, m, BM, BN)
 
 
 def pointer_table(outs, a, b, alpha, warps: int = 4):

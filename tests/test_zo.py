@@ -7,7 +7,8 @@ import torch
 from transformers import TrainingArguments
 
 from qft.zo.optimizer import ZoSGD
-from qft.zo.spsa import apply_update_, direction, perturb_inplace_, perturbed, tensor_seed
+from qft.errors import QftError
+from qft.zo.spsa import apply_update_, direction, perturb_inplace_, perturbed, perturbed_pair, tensor_seed
 from qft.zo.trainer import ZoArguments, ZoTrainer, zo_projected_grad
 from tests.tiny import tiny_inputs, tiny_model
 
@@ -686,6 +687,65 @@ def test_one_term_of_several_directions_is_each_blocks_own(kind):
             rows, k = slice(blk * batch, (blk + 1) * batch), blk // 2
             want = lowrank.perturb_output(kind, x[rows], out[rows].clone(), u[k], v[k], 0.1 if blk % 2 == 0 else -0.1)
             torch.testing.assert_close(got[rows], want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_paired_term_is_plus_on_the_first_half_and_minus_on_the_second(kind, grad):
+    """perturb_output(paired=True): the sign goes into the rank-one add (no launch of its own); each half gets what
+    perturb_output gives it with +scale and -scale, bit for bit, in place (no_grad) or as a new tensor (autograd)."""
+    from qft.zo import lowrank
+
+    batch, m, n = 3, 5, 7
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(m, generator=g), torch.randn(n, generator=g)
+    if kind == "embedding":
+        x, width = torch.randint(0, m, (2 * batch, 4), generator=g), n
+    else:
+        x, width = torch.randn(2 * batch, 4, n if kind == "linear" else m, generator=g), m if kind == "linear" else n
+    out = torch.randn(2 * batch, 4, width, generator=g)
+    with torch.set_grad_enabled(grad):
+        got = lowrank.perturb_output(kind, x, out.clone(), u, v, 0.1, paired=True)
+        plus = lowrank.perturb_output(kind, x[:batch], out[:batch].clone(), u, v, 0.1)
+        minus = lowrank.perturb_output(kind, x[batch:], out[batch:].clone(), u, v, -0.1)
+    assert torch.equal(got, torch.cat([plus, minus]))
+    flat, a, b = torch.randn(6, 7, generator=g), torch.randn(6, generator=g), torch.randn(7, generator=g)
+    ours, want = flat.clone(), flat.clone()
+    lowrank.addr_(ours, a, b, -0.3, beta=0.9, flip=2)  # torch's path off the kernel: the same products
+    want.addr_(torch.cat([a[:2], -a[2:]]), b, beta=0.9, alpha=-0.3)
+    assert torch.equal(ours, want)
+
+
+def test_rank1_hooks_stay_registered_inert_between_zo_forwards_until_released():
+    """The rank1 matrices' forward hooks are registered once per layout (not each step), do nothing outside a ZO
+    forward, refuse a ZO forward nested in another, and release() removes them and the layout."""
+    from qft.zo.spsa import release
+
+    model = tiny_model("llama")
+    x = tiny_inputs(model)
+    params = _params(model)
+
+    def hooks():
+        return {id(h) for mod in model.modules() for h in mod._forward_hooks.values()}
+
+    with torch.no_grad():
+        plain = model(**x).logits
+        assert not hooks()
+        with perturbed(model, params, step_seed=3, scale=1e-2, dist="rank1"):
+            first = model(**x).logits
+        registered = hooks()
+        assert registered and torch.equal(model(**x).logits, plain)  # inert outside
+        with perturbed_pair(model, params, 4, 1e-2, batch=x["input_ids"].shape[0], dist="rank1"):
+            model(**{k: torch.cat([v, v]) for k, v in x.items()})
+        with perturbed(model, params, step_seed=3, scale=1e-2, dist="rank1"):
+            assert torch.equal(model(**x).logits, first)
+            with pytest.raises(QftError, match="inside another"):
+                with perturbed(model, params, step_seed=5, scale=1e-2, dist="rank1"):
+                    pass
+        assert hooks() == registered
+        release(model)
+        assert not hooks() and "_qft_zo_layout" not in model.__dict__
+        assert torch.equal(model(**x).logits, plain)
 
 
 @pytest.mark.parametrize("objective", ["lm", "label-words"])

@@ -133,10 +133,13 @@ def test_rank_one_add_kernel_on_the_gpu(shape):
     a = torch.randn(shape[0], device="cuda", dtype=torch.bfloat16)
     b = torch.randn(shape[1], device="cuda", dtype=torch.bfloat16)
     assert triton_ops.addr_usable(out)
-    ours = out.clone()
-    triton_ops.addr_(ours, a, b, -0.3, beta=0.9)
-    exact = 0.9 * out.double() - 0.3 * a.double()[:, None] * b.double()
-    assert ((ours.double() - exact).abs() <= 2**-7 * exact.abs() + 1e-6).all()
+    sign = torch.ones(shape[0], device="cuda", dtype=torch.float64)
+    sign[shape[0] // 3:] = -1
+    for flip, signs in ((None, 1.0), (shape[0] // 3, sign)):  # flip: a paired forward's second half, -alpha
+        ours = out.clone()
+        triton_ops.addr_(ours, a, b, -0.3, beta=0.9, flip=flip)
+        exact = 0.9 * out.double() - 0.3 * (signs * a.double())[:, None] * b.double()
+        assert ((ours.double() - exact).abs() <= 2**-7 * exact.abs() + 1e-6).all()
 
 
 @pytest.mark.parametrize("shape,k", [((4096, 14336), 9), ((4097, 1100), 2)])

@@ -90,11 +90,14 @@ def test_rank_one_add_kernel_is_addr_to_the_dtypes_rounding(ops, dtype):
     torch.manual_seed(0)
     for m, n in [(3, 5), (33, 700), (17, 257), (1, 1)]:
         out, a, b = torch.randn(m, n).to(dtype), torch.randn(m).to(dtype), torch.randn(n).to(dtype)
-        ours = out.clone()
-        ops.addr_(ours, a, b, -0.3, beta=0.9)
-        exact = 0.9 * out.double() - 0.3 * a.double()[:, None] * b.double()  # float32 arithmetic inside
         ulp = 2.0**-23 if dtype == torch.float32 else 2.0**-7  # one unit in the last place of the stored dtype
-        assert ((ours.double() - exact).abs() <= 4 * ulp * exact.abs() + 1e-6).all()
+        for flip in (None, m // 2):  # rows from flip on take -alpha (a paired forward's second half)
+            ours = out.clone()
+            ops.addr_(ours, a, b, -0.3, beta=0.9, flip=flip)
+            signed = a.double() * torch.tensor([1.0 if flip is None or i < flip else -1.0 for i in range(m)],
+                                               dtype=torch.float64)
+            exact = 0.9 * out.double() - 0.3 * signed[:, None] * b.double()  # float32 arithmetic inside
+            assert ((ours.double() - exact).abs() <= 4 * ulp * exact.abs() + 1e-6).all()
     assert ops.addr_usable(torch.zeros(2, 3)) and not ops.addr_usable(torch.zeros(2, 3).t())
 
 

@@ -138,30 +138,32 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)  # a no-op .to() still costs a dispatch, in every hook call
 
 
-def _add_outer(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+def _add_outer(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, paired: bool) -> torch.Tensor:
     """out + scale·a ⊗ b over out's last dimension (a: out's leading shape, b: its last), in place when no
-    autograd graph is being built."""
+    autograd graph is being built; ``paired``: −scale on the second half of a's first dimension."""
     a, b = _as(a, out.dtype), _as(b, out.dtype)
     if not torch.is_grad_enabled() and out.is_contiguous():
-        addr_(out.view(-1, out.shape[-1]), a.reshape(-1), b, scale)
+        a = a.reshape(-1)  # row-major: its first half is the first half of the rows
+        addr_(out.view(-1, out.shape[-1]), a, b, scale, flip=a.numel() // 2 if paired else None)
         return out
+    if paired:
+        a = torch.cat([a[:a.shape[0] // 2], -a[a.shape[0] // 2:]])
     return out + scale * a.unsqueeze(-1) * b
 
 
 def perturb_output(kind: str, inputs: torch.Tensor, out: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                   scale: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+                   scale: float, paired: bool = False) -> torch.Tensor:
     """The module's output as if its weight were W + scale·u·vᵀ (``inputs``: its first positional argument);
-    ``rows`` (one number per batch row) scales the term row by row: a paired
-    forward's +1 / −1 (:func:`qft.zo.spsa.perturbed_pair`)."""
+    ``paired``: the rows of the first half of the batch (its first dimension) see W + scale·u·vᵀ, the others
+    W − scale·u·vᵀ (:func:`qft.zo.spsa.perturbed_pair`; the sign goes into the rank-one add's kernel, no launch of
+    its own)."""
     if kind == "linear":  # W: out × in, u: out, v: in
         a, b = inputs @ _as(v, inputs.dtype), u
     elif kind == "conv1d":  # W: in × out, u: in, v: out
         a, b = inputs @ _as(u, inputs.dtype), v
     else:  # embedding, W: num × dim, u: num, v: dim
         a, b = u[inputs], v
-    if rows is not None:
-        a = a * _as(rows, a.dtype).view(-1, *[1] * (a.dim() - 1))
-    return _add_outer(out, a, b, scale)
+    return _add_outer(out, a, b, scale, paired)
 
 
 def stacked(factor_sets: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> tuple[torch.Tensor, list[int]]:
@@ -209,12 +211,15 @@ def perturb_output_multi(kind: str, inputs: torch.Tensor, out: torch.Tensor, u: 
     return out + scale * (a @ b).view(out.shape)
 
 
-def addr_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
+def addr_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float = 1.0,
+          flip: int | None = None) -> None:
     """``out.addr_(a, b, beta=beta, alpha=alpha)``, through the Triton kernel where it takes ``out`` (a GPU: torch's
     own is bandwidth-starved there, see :func:`qft.zo.triton_ops.addr_`). The choice depends on ``out`` alone, so
-    a step's two forwards and its update always take the same path."""
+    a step's two forwards and its update always take the same path. Rows ``flip`` and after take −alpha."""
     if triton_ops.addr_usable(out):
-        triton_ops.addr_(out, a, b, alpha, beta)
-    else:
-        out.addr_(a, b, beta=beta, alpha=alpha)
+        triton_ops.addr_(out, a, b, alpha, beta, flip)
+        return
+    if flip is not None:  # the same products as the kernel's: alpha·(±a_i)·b_j
+        a = torch.cat([a[:flip], -a[flip:]])
+    out.addr_(a, b, beta=beta, alpha=alpha)
 

@@ -31,7 +31,7 @@ from qft import distributed
 from qft.errors import QftError
 from qft.io import publishing
 from qft.zo.optimizer import ZoSGD
-from qft.zo.spsa import DISTRIBUTIONS, MaskFn, perturbed, perturbed_pair
+from qft.zo.spsa import DISTRIBUTIONS, MaskFn, perturbed, perturbed_pair, release
 
 
 @dataclass
@@ -265,6 +265,9 @@ class ZoTrainerMixin:
             return super().train(*args, **kwargs)
         finally:
             self._zo_flush()
+            for model in (self.model, getattr(self, "model_wrapped", None)):  # the ZO forwards' hooks
+                if model is not None:
+                    release(model)
 
     def _zo_loss(self, model, inputs):
         if self.zo.objective is not None:

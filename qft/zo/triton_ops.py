@@ -136,21 +136,21 @@ if triton is not None:
 
 
     @triton.jit
-    def _addr_tile(out, a, b, m, n, beta, alpha, BM: tl.constexpr, BN: tl.constexpr):
+    def _addr_tile(out, a, b, m, n, beta, alpha, flip, BM: tl.constexpr, BN: tl.constexpr):
         """out[i, j] = beta·out[i, j] + alpha·a[i]·b[j] over tile (program_id(0), program_id(1)) of BM x BN
-        (float32 arithmetic)."""
+        (float32 arithmetic), with −alpha on the rows i >= ``flip`` (a paired forward's second half)."""
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        av = tl.load(a + rm, mask=rm < m, other=0.0).to(tl.float32)
+        av = tl.load(a + rm, mask=rm < m, other=0.0).to(tl.float32) * tl.where(rm < flip, alpha, -alpha)
         bv = tl.load(b + rn, mask=rn < n, other=0.0).to(tl.float32)
         offs = rm[:, None].to(tl.int64) * n + rn[None, :]
         inside = (rm[:, None] < m) & (rn[None, :] < n)
         x = tl.load(out + offs, mask=inside, other=0.0).to(tl.float32)
-        tl.store(out + offs, (beta * x + alpha * av[:, None] * bv[None, :]).to(out.dtype.element_ty), mask=inside)
+        tl.store(out + offs, (beta * x + av[:, None] * bv[None, :]).to(out.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _addr_kernel(out, a, b, m, n, beta, alpha, BM: tl.constexpr, BN: tl.constexpr):
-        _addr_tile(out, a, b, m, n, beta, alpha, BM, BN)
+    def _addr_kernel(out, a, b, m, n, beta, alpha, flip, BM: tl.constexpr, BN: tl.constexpr):
+        _addr_tile(out, a, b, m, n, beta, alpha, flip, BM, BN)
 
     @triton.jit
     def _addmm_small_kernel(out, a, b, m, n, k, sa, sb, alpha, BM: tl.constexpr, BN: tl.constexpr,
@@ -185,7 +185,7 @@ if triton is not None:
         a = _entry(base, table, n_mats + t, ALIGN)
         b = _entry(base, table, 2 * n_mats + t, ALIGN)
         beta = tl.load(table + 3 * n_mats + t).to(tl.int32).to(tl.float32, bitcast=True)
-        _addr_tile(out, a, b, m, n, beta, alpha, BM, BN)
+        _addr_tile(out, a, b, m, n, beta, alpha, m, BM, BN)
 
 _BLOCK_MAPS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -211,7 +211,8 @@ def _offsets(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> tuple[list[
     bytes' worth of elements when every one is a multiple of 16 bytes, as separate allocations are, else 1).
     The tensors share ``base``'s dtype and device."""
     size = base.element_size()
-    gaps = [t.data_ptr() - base.data_ptr() for t in tensors]
+    start = base.data_ptr()
+    gaps = [t.data_ptr() - start for t in tensors]
     align = 16 // size if size <= 16 and all(g % 16 == 0 for g in gaps) else 1
     return [g // size for g in gaps], align
 
@@ -321,18 +322,24 @@ ADDR_BM, ADDR_BN = 16, 256  # a tile of 4,096 elements: rows of 256 contiguous e
 ADDR_MIN_NUMEL = 2**22
 
 
-def addr_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
-    """In place: ``out ← beta·out + alpha·a ⊗ b`` for a contiguous matrix ``out`` (``torch.Tensor.addr_``).
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # Triton's cdiv is a constexpr function now: microseconds a call from Python, in every hook
+
+
+def addr_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float = 1.0,
+          flip: int | None = None) -> None:
+    """In place: ``out ← beta·out + alpha·a ⊗ b`` for a contiguous matrix ``out`` (``torch.Tensor.addr_``); the rows
+    from ``flip`` on take ``−alpha`` (a paired ZO forward's second half, whose term has the other sign).
 
     The rank-one term of every linear layer's output (forward hooks) and of every weight's update
     (:mod:`qft.zo.lowrank`) under ``dist="rank1"``. torch's ``addr_`` reads its two broadcast vectors through
     a generic strided loop: at the Llama-3-8B shape its 678 calls a step took 45 ms on an H200, about 1.2 TB/s
     (benchmarks/results/session6/profile-8b.json); this kernel reads and writes ``out`` in 16 x 256 tiles."""
     m, n = out.shape
-    grid = (triton.cdiv(m, ADDR_BM), triton.cdiv(n, ADDR_BN))
+    grid = (_cdiv(m, ADDR_BM), _cdiv(n, ADDR_BN))
     with _on(out.device):
         _addr_kernel[grid](out, a.contiguous(), b.contiguous(), m, n, float(beta), float(alpha),
-                           BM=ADDR_BM, BN=ADDR_BN)
+                           m if flip is None else flip, BM=ADDR_BM, BN=ADDR_BN)
 
 
 ADDMM_SMALL_MAX_K = 16  # columns up to which addmm_small_ takes a product: past it a matrix product's tiles pay
@@ -348,37 +355,58 @@ def addmm_small_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: flo
     m, n = out.shape
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
-    grid = (triton.cdiv(m, ADDR_BM), triton.cdiv(n, ADDR_BN))
+    grid = (_cdiv(m, ADDR_BM), _cdiv(n, ADDR_BN))
     with _on(out.device):
         _addmm_small_kernel[grid](out, a, b, m, n, a.shape[1], a.stride(0), b.stride(0), float(alpha),
                                   BM=ADDR_BM, BN=ADDR_BN, BK=ADDMM_SMALL_MAX_K,
                                   F32=a.dtype == torch.float32 or _interpreted())
 
 
-def addr_multi_(outs: Sequence[torch.Tensor], a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], alpha: float,
-                betas: Sequence[float]) -> None:
-    """:func:`addr_` of many matrices, ``outs[t] ← betas[t]·outs[t] + alpha·a[t] ⊗ b[t]``: one launch per shape,
-    dtype and device instead of one per matrix (rank1's update: a Llama-3-8B step updates 226 matrices of five
-    shapes). Each matrix gets exactly what :func:`addr_` would give it; ``a``, ``b`` must be contiguous and of
-    their matrix's dtype."""
+class AddrGroup:
+    """Matrices of one shape, dtype and device that :func:`addr_multi_` updates in one launch: their positions
+    ``idx`` in the list, and their offsets from the first one's storage (fixed while they live where they are)."""
+
+    def __init__(self, outs: Sequence[torch.Tensor], idx: list[int]):
+        self.idx, self.base = idx, outs[idx[0]]
+        self.device, self.dtype, (self.m, self.n) = self.base.device, self.base.dtype, self.base.shape
+        self.offsets, self.align = _offsets(self.base, [outs[i] for i in idx])
+        self.ones = _float_bits([1.0] * len(idx))
+
+
+def addr_multi_plan(outs: Sequence[torch.Tensor]) -> list[AddrGroup]:
+    """:func:`addr_multi_`'s launches for the matrices ``outs``, made once for a run's updates."""
     groups: dict[tuple, list[int]] = {}
     for i, o in enumerate(outs):
+        if not o.is_contiguous():
+            raise ValueError("addr_multi_ needs contiguous matrices")
         groups.setdefault((o.device, o.dtype, tuple(o.shape)), []).append(i)
-    for (device, dtype, (m, n)), idx in groups.items():
-        if any(a[i].dtype != dtype or b[i].dtype != dtype or not a[i].is_contiguous() or not b[i].is_contiguous()
-               for i in idx):
+    return [AddrGroup(outs, idx) for idx in groups.values()]
+
+
+def addr_multi_(outs: Sequence[torch.Tensor] | list[AddrGroup], a: Sequence[torch.Tensor],
+                b: Sequence[torch.Tensor], alpha: float, betas: Sequence[float] | None = None) -> None:
+    """:func:`addr_` of many matrices, ``outs[t] ← betas[t]·outs[t] + alpha·a[t] ⊗ b[t]`` (``betas`` None: all 1):
+    one launch per shape, dtype and device instead of one per matrix (rank1's update: a Llama-3-8B step updates 226
+    matrices of five shapes). Each matrix gets exactly what :func:`addr_` would give it; ``a``, ``b`` must be
+    contiguous and of their matrix's dtype. ``outs`` may be :func:`addr_multi_plan`'s groups for them instead: a
+    step's launches then cost a few offsets per matrix, not the grouping and checks."""
+    groups = outs if outs and isinstance(outs[0], AddrGroup) else addr_multi_plan(outs)
+    for grp in groups:
+        idx = grp.idx
+        if any(a[i].dtype != grp.dtype or b[i].dtype != grp.dtype or not a[i].is_contiguous()
+               or not b[i].is_contiguous() for i in idx):
             raise ValueError("addr_multi_ needs contiguous factors in their matrix's dtype")
-        bits = _float_bits([betas[i] for i in idx])
-        base = outs[idx[0]]
-        offsets, align = _offsets(base, [outs[i] for i in idx] + [a[i] for i in idx] + [b[i] for i in idx])
-        table = _device_table(offsets + bits, device)
-        grid = (triton.cdiv(m, ADDR_BM), triton.cdiv(n, ADDR_BN), len(idx))
-        with _on(device):
-            _addr_multi_kernel[grid](base, table, len(idx), m, n, float(alpha), BM=ADDR_BM, BN=ADDR_BN, ALIGN=align)
+        bits = grp.ones if betas is None else _float_bits([betas[i] for i in idx])
+        factors, align = _offsets(grp.base, [a[i] for i in idx] + [b[i] for i in idx])
+        table = _device_table(grp.offsets + factors + bits, grp.device)
+        grid = (_cdiv(grp.m, ADDR_BM), _cdiv(grp.n, ADDR_BN), len(idx))
+        with _on(grp.device):
+            _addr_multi_kernel[grid](grp.base, table, len(idx), grp.m, grp.n, float(alpha), BM=ADDR_BM, BN=ADDR_BN,
+                                     ALIGN=min(align, grp.align))
 
 
 def addr_usable(out: torch.Tensor) -> bool:
     """Whether :func:`addr_` takes ``out``: as :func:`usable`, for a large enough matrix whose tile grid fits a
     launch (a function of ``out``'s device, dtype and shape alone)."""
     return (usable(out) and out.dim() == 2 and out.is_contiguous() and out.numel() >= ADDR_MIN_NUMEL
-            and triton.cdiv(out.shape[1], ADDR_BN) < 65536)
+            and _cdiv(out.shape[1], ADDR_BN) < 65536)
