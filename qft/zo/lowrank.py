@@ -41,7 +41,7 @@ def factors(p: torch.Tensor, seed: int, dtype: torch.dtype = _F32,
     ``step`` (the step's seed) keeps them for the rest of that step (see :func:`prefetch`). Callers must not
     modify them in place."""
     if step is None:
-        u, v = _draw_many([p], [seed])[0]
+        u, v = _draw_many([p], [seed])[0][0]
         return u.to(dtype), v.to(dtype)
     return prefetch([p], [seed], step, dtype)[0]
 
@@ -51,16 +51,20 @@ def prefetch(ps, seeds, step: int, dtype: torch.dtype = _F32) -> list[tuple[torc
     (on a GPU one Triton launch for all of them, :func:`_draw_many`) and cast together (one op per device).
 
     Both forwards and the update of a step then reuse the same u, v, so each matrix's are drawn (and cast) once
-    a step, not three times, and a step costs a handful of launches for them, not one or more per matrix.
+    a step, not three times, and a step costs a handful of launches for them, not one or more per matrix. Those
+    drawn here come in ``dtype`` from one cast of their buffer.
     Asking for another step's drops them. They are a few numbers per matrix row and column (about 12 MB a step
     at the Llama-3-8B shape)."""
     if _STEP["step"] != step:
         _STEP["step"], _STEP["factors"] = step, {}
     cache = _STEP["factors"]
     keys = [(seed, tuple(p.shape), p.device) for p, seed in zip(ps, seeds)]
-    new = {k + (_F32,): p for k, p in zip(keys, ps) if k + (_F32,) not in cache}
+    new = {k: p for k, p in zip(keys, ps) if k + (_F32,) not in cache}
     if new:
-        cache.update(zip(new, _draw_many(list(new.values()), [k[0] for k in new])))
+        drawn, cast = _draw_many(list(new.values()), [k[0] for k in new], dtype)
+        cache.update((k + (_F32,), uv) for k, uv in zip(new, drawn))
+        if dtype != _F32:
+            cache.update((k + (dtype,), uv) for k, uv in zip(new, cast))
     if dtype != _F32:
         todo = list(dict.fromkeys(k for k in keys if k + (dtype,) not in cache))
         for device in dict.fromkeys(k[2] for k in todo):  # one cat, cast and split per device
@@ -71,27 +75,31 @@ def prefetch(ps, seeds, step: int, dtype: torch.dtype = _F32) -> list[tuple[torc
     return [cache[k + (dtype,)] for k in keys]
 
 
-def _draw_many(ps, seeds) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Float32 (u, v) of each matrix. u, v are a function of the seed (and the matrix's shape) alone, whatever
-    the grouping: on a GPU with Triton, the fused kernel's Philox normals (element i of the m + n numbers from
-    (seed, i); all matrices of a device in one launch), elsewhere ``torch.randn`` from a generator seeded per
-    matrix (:func:`_draw`)."""
-    out: list = [None] * len(ps)
+def _draw_many(ps, seeds, dtype: torch.dtype = _F32) -> tuple[list, list]:
+    """(float32 (u, v) of each matrix, the same in ``dtype``: one cast of each device's buffer). u, v are a function
+    of the seed (and the matrix's shape) alone, whatever the grouping: on a GPU with Triton, the fused kernel's
+    Philox normals (element i of the m + n numbers from (seed, i); all matrices of a device in one launch), elsewhere
+    ``torch.randn`` from a generator seeded per matrix (:func:`_draw`). Each device's factors are views of one buffer,
+    cut in one call (a cut per matrix cost a Llama-3-8B step about a millisecond of Python)."""
+    drawn: list = [None] * len(ps)
+    cast: list = [None] * len(ps)
     groups: dict = {}
     for j, p in enumerate(ps):
         groups.setdefault(p.device, []).append(j)
     for device, idx in groups.items():
-        sizes = [ps[j].shape[0] + ps[j].shape[1] for j in idx]
+        sizes = [n for j in idx for n in ps[j].shape]  # u, v, u, v, ...
         buf = torch.zeros(sum(sizes), dtype=_F32, device=device)
+        views = buf.split([ps[j].shape[0] + ps[j].shape[1] for j in idx])
         if triton_ops.usable(buf):
-            views = buf.split(sizes)
             triton_ops.axpby_multi_(views, [seeds[j] for j in idx], 1.0)  # zeros + z: z itself, one launch
-            for j, view in zip(idx, views):
-                out[j] = tuple(view.split(list(ps[j].shape)))
         else:
-            for j in idx:
-                out[j] = _draw(ps[j], seeds[j], _F32)
-    return out
+            for j, view in zip(idx, views):
+                view.copy_(torch.cat(_draw(ps[j], seeds[j], _F32)))
+        for out, parts in ((drawn, buf.split(sizes)), (cast, buf.to(dtype).split(sizes) if dtype != _F32 else None)):
+            if parts is not None:
+                for k, j in enumerate(idx):
+                    out[j] = (parts[2 * k], parts[2 * k + 1])
+    return drawn, cast
 
 
 def _draw(p: torch.Tensor, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

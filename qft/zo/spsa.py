@@ -242,15 +242,17 @@ class _RankOneHooks:
         self.handles = []
 
 
-def _rank1_factors(params: Sequence[torch.Tensor], which: Sequence[int], step_seed: int) -> dict[int, dict]:
-    """{id(param): {dtype: (u, v)}} for the matrices ``which`` (indices into ``params``), in float32 and in each
-    matrix's own dtype: drawn for all of them at once (:func:`qft.zo.lowrank.prefetch`) rather than one by one
-    inside the forward, where each draw would cost a launch or more."""
+def _rank1_factors(params: Sequence[torch.Tensor], which: Sequence[int], step_seed: int,
+                   float32: bool = False) -> dict[int, dict]:
+    """{id(param): {dtype: (u, v)}} for the matrices ``which`` (indices into ``params``), in each matrix's own dtype
+    (``float32``: in float32): drawn for all of them at once (:func:`qft.zo.lowrank.prefetch`) rather than one by one
+    inside the forward, where each draw would cost a launch or more. Other dtypes are drawn (from the step's cache)
+    when asked for: :func:`qft.zo.lowrank.factors`."""
     ps = [params[i] for i in which]
     seeds = [tensor_seed(step_seed, i) for i in which]
-    out = {id(p): {torch.float32: uv} for p, uv in zip(ps, lowrank.prefetch(ps, seeds, step_seed))}
-    for dtype in {p.dtype for p in ps} - {torch.float32}:
-        mine = [k for k, p in enumerate(ps) if p.dtype == dtype]
+    out: dict[int, dict] = {id(p): {} for p in ps}
+    for dtype in [torch.float32] if float32 else list(dict.fromkeys(p.dtype for p in ps)):
+        mine = [k for k, p in enumerate(ps) if float32 or p.dtype == dtype]
         for k, uv in zip(mine, lowrank.prefetch([ps[k] for k in mine], [seeds[k] for k in mine], step_seed, dtype)):
             out[id(ps[k])][dtype] = uv
     return out
@@ -481,7 +483,7 @@ def _rank1_term_stacked(params, index, hooked, seeds: Sequence[int], coef: torch
     which = pending.which if pending else [index[pid] for pid in hooked]  # pending: its rows' layout
     by_dir = []
     for seed in seeds:
-        factors = _rank1_factors(params, which, seed)
+        factors = _rank1_factors(params, which, seed, float32=True)
         by_dir.append([factors[id(params[i])][torch.float32] for i in which])
     flat, offsets = lowrank.stacked(by_dir)
     at = dict(zip(which, offsets))
