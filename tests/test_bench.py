@@ -122,3 +122,22 @@ def test_zo_profiler_idle_gaps_are_the_spans_with_no_kernel():
     busy, gaps = prof._idle(kernels, 2, top=5)
     assert busy == (1000 + 800 + 1000) / 1000 / 2  # ms a step, over 2 steps
     assert gaps == [{"ms": 3.0, "after": "addr", "before": "copy"}, {"ms": 0.2, "after": "mm", "before": "addr"}]
+
+
+def test_zo_host_overhead_times_the_gpu_paths_python_on_the_cpu(tmp_path):
+    """benchmarks/zo_host_overhead.py: the GPU path's Python with its kernels stubbed, on a CPU; each path's step
+    time and its time over two forwards, in the JSON it writes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "zo_host_overhead.py"
+    out = tmp_path / "host.json"
+    r = subprocess.run([sys.executable, str(script), "--paths", "inference,qft-mezo-rank1-paired", "--layers", "2",
+                        "--steps", "2", "--rounds", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    paths = json.loads(out.read_text())["paths"]
+    assert set(paths) == {"inference", "qft-mezo-rank1-paired"}
+    assert all(row["step_ms"] > 0 and len(row["rounds_ms"]) == 2 for row in paths.values())
+    assert paths["inference"]["over_inference_ms"] == 0

@@ -10,7 +10,9 @@ weights are read and written once every K steps (W += Uᵀ·V over the P pending
 Measured in session 14 at that shape (K = 4, 8), it was no faster with torch's ``addmm_`` taking the hooks'
 products. In session 15, with Triton's ``addmm_small_`` and padded factors, the GPU's busy time fell below the
 paired step's (130.1 against 133.5 ms), but the wall time did not follow (1.15× to 1.24× two forwards against 1.15×
-to 1.21× paired). The step is bound by its Python (README, MeZO speed).
+to 1.21× paired): the step was bound by its Python. In session 16, with that Python cut (persistent hooks, a cached
+update plan), the paired step took 1.12× to 1.13× and defer-8 1.11× to 1.14× (README, MeZO speed): no reliable gain,
+and at the 1.1B shape defer-8 is slower and above 1.05× the inference memory.
 
 The model computes the same function as with the updates written, up to rounding (in bfloat16 the K updates are
 rounded into the weights once, not K times). Whatever reads the weights other than a ZO forward must see them
