@@ -716,6 +716,30 @@ def test_paired_term_is_plus_on_the_first_half_and_minus_on_the_second(kind, gra
     assert torch.equal(ours, want)
 
 
+def test_update_plan_is_kept_while_the_tensors_keep_their_storage_and_holds_none_of_them():
+    """apply_update_'s split of the tensors is made once and reused while each tensor keeps its storage; a tensor given
+    new storage (a device move, .data replaced) gets a new plan; and no cached plan keeps a model's weights alive."""
+    import gc
+    import weakref
+
+    from qft.zo import spsa
+
+    model = tiny_model("llama")
+    params = _params(model)
+    spsa._PLANS.clear()
+    apply_update_(params, [(4, 0.5)], lr=0.1, dist="rank1")
+    (plan,) = [hit[1] for hit in spsa._PLANS.values()]
+    apply_update_(params, [(5, 0.5)], lr=0.1, dist="rank1")
+    assert [hit[1] for hit in spsa._PLANS.values()] == [plan]
+    params[0].data = params[0].data.clone()
+    apply_update_(params, [(6, 0.5)], lr=0.1, dist="rank1")
+    assert [hit[1] for hit in spsa._PLANS.values()] != [plan] and len(spsa._PLANS) == 1
+    ref = weakref.ref(params[1])
+    del model, params
+    gc.collect()
+    assert ref() is None
+
+
 def test_rank1_hooks_stay_registered_inert_between_zo_forwards_until_released():
     """The rank1 matrices' forward hooks are registered once per layout (not each step), do nothing outside a ZO
     forward, refuse a ZO forward nested in another, and release() removes them and the layout."""

@@ -553,29 +553,31 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
             for dtype, mine in plan.by_dtype.items():
                 uvs.update(zip(mine, lowrank.prefetch([params[i] for i in mine], [seeds[k] for k in plan.at[dtype]],
                                                       seed, dtype)))
-            betas = plan.betas if j == 0 and keep != 1.0 else None
+            decay = j == 0 and keep != 1.0  # keep != 1 only with a decay mask
             if plan.big:
-                triton_ops.addr_multi_(plan.groups, [uvs[i][0] for i in plan.big], [uvs[i][1] for i in plan.big],
-                                       -lr * g, None if betas is None else [keep if betas[i] else 1.0 for i in plan.big])
+                triton_ops.addr_multi_([params[i] for i in plan.big], [uvs[i][0] for i in plan.big],
+                                       [uvs[i][1] for i in plan.big], -lr * g,
+                                       [keep if decay and decay_mask[i] else 1.0 for i in plan.big], plan.groups)
             for i in small:
-                lowrank.addr_(params[i], uvs[i][0], uvs[i][1], -lr * g, keep if betas and betas[i] else 1.0)
+                lowrank.addr_(params[i], uvs[i][0], uvs[i][1], -lr * g, keep if decay and decay_mask[i] else 1.0)
         if not seeds_and_grads and keep != 1.0:  # keep != 1 only with a decay mask
             for i in ranked:
                 if decay_mask[i]:
                     params[i].mul_(keep)
         fused = plan.fused
         if fused:  # one fused read-modify-write per direction (one launch per dtype); the first folds in the decay
+            ps = [params[i] for i in fused]
             for j, (seed, g) in enumerate(seeds_and_grads):
-                triton_ops.axpby_multi_(plan.fused_params, [tensor_seed(seed, i) for i in fused], -lr * g,
-                                        keep if j == 0 else 1.0, plan.decay, _dense(dist),
-                                        _thresholds(mask_fn, plan.fused_params))
+                triton_ops.axpby_multi_(ps, [tensor_seed(seed, i) for i in fused], -lr * g, keep if j == 0 else 1.0,
+                                        plan.decay, _dense(dist), _thresholds(mask_fn, ps))
         _torch_update(params, plan.rest, seeds_and_grads, lr, weight_decay, decay_mask, mask_fn, bucket_bytes, dist)
 
 
 class _UpdatePlan:
     """How :func:`apply_update_` moves each of ``params`` (indices into them): ``ranked`` by rank-one adds (``big``:
     the Triton kernel's, in ``groups`` of one launch, :func:`qft.zo.triton_ops.addr_multi_plan`; ``small``: torch's),
-    ``fused`` by the fused kernel, ``rest`` by the torch path; ``betas``: 1 where the decay applies."""
+    ``fused`` by the fused kernel, ``rest`` by the torch path. It holds no tensor, so a cached plan keeps no model's
+    weights alive."""
 
     def __init__(self, params, mask_fn, dist, skip, decay_mask):
         skip = set(skip)
@@ -588,10 +590,8 @@ class _UpdatePlan:
         for k, i in enumerate(self.ranked):
             self.by_dtype.setdefault(params[i].dtype, []).append(i)
             self.at.setdefault(params[i].dtype, []).append(k)
-        self.betas = {i: float(bool(decay_mask[i])) for i in self.ranked} if decay_mask is not None else None
         self.fused = [i for i, p in enumerate(params)
                       if triton_ops.usable(p, mask_fn) and not _rank1(p, dist) and i not in skip]
-        self.fused_params = [params[i] for i in self.fused]
         self.decay = [bool(decay_mask[i]) for i in self.fused] if decay_mask is not None else None
         done = set(self.fused) | set(self.ranked) | skip
         self.rest = [i for i in range(len(params)) if i not in done]

@@ -364,17 +364,18 @@ def addmm_small_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: flo
 
 class AddrGroup:
     """Matrices of one shape, dtype and device that :func:`addr_multi_` updates in one launch: their positions
-    ``idx`` in the list, and their offsets from the first one's storage (fixed while they live where they are)."""
+    ``idx`` in the list, and their offsets from the first one's storage (fixed while they live where they are). It
+    keeps no tensor."""
 
     def __init__(self, outs: Sequence[torch.Tensor], idx: list[int]):
-        self.idx, self.base = idx, outs[idx[0]]
-        self.device, self.dtype, (self.m, self.n) = self.base.device, self.base.dtype, self.base.shape
-        self.offsets, self.align = _offsets(self.base, [outs[i] for i in idx])
-        self.ones = _float_bits([1.0] * len(idx))
+        base = outs[idx[0]]
+        self.idx, self.device, self.dtype, (self.m, self.n) = idx, base.device, base.dtype, base.shape
+        self.offsets, self.align = _offsets(base, [outs[i] for i in idx])
 
 
 def addr_multi_plan(outs: Sequence[torch.Tensor]) -> list[AddrGroup]:
-    """:func:`addr_multi_`'s launches for the matrices ``outs``, made once for a run's updates."""
+    """:func:`addr_multi_`'s launches for the matrices ``outs``, made once for a run's updates (the same matrices in
+    the same storage each time)."""
     groups: dict[tuple, list[int]] = {}
     for i, o in enumerate(outs):
         if not o.is_contiguous():
@@ -383,25 +384,24 @@ def addr_multi_plan(outs: Sequence[torch.Tensor]) -> list[AddrGroup]:
     return [AddrGroup(outs, idx) for idx in groups.values()]
 
 
-def addr_multi_(outs: Sequence[torch.Tensor] | list[AddrGroup], a: Sequence[torch.Tensor],
-                b: Sequence[torch.Tensor], alpha: float, betas: Sequence[float] | None = None) -> None:
-    """:func:`addr_` of many matrices, ``outs[t] ← betas[t]·outs[t] + alpha·a[t] ⊗ b[t]`` (``betas`` None: all 1):
-    one launch per shape, dtype and device instead of one per matrix (rank1's update: a Llama-3-8B step updates 226
-    matrices of five shapes). Each matrix gets exactly what :func:`addr_` would give it; ``a``, ``b`` must be
-    contiguous and of their matrix's dtype. ``outs`` may be :func:`addr_multi_plan`'s groups for them instead: a
-    step's launches then cost a few offsets per matrix, not the grouping and checks."""
-    groups = outs if outs and isinstance(outs[0], AddrGroup) else addr_multi_plan(outs)
-    for grp in groups:
+def addr_multi_(outs: Sequence[torch.Tensor], a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], alpha: float,
+                betas: Sequence[float], groups: list[AddrGroup] | None = None) -> None:
+    """:func:`addr_` of many matrices, ``outs[t] ← betas[t]·outs[t] + alpha·a[t] ⊗ b[t]``: one launch per shape,
+    dtype and device instead of one per matrix (rank1's update: a Llama-3-8B step updates 226 matrices of five
+    shapes). Each matrix gets exactly what :func:`addr_` would give it; ``a``, ``b`` must be contiguous and of their
+    matrix's dtype. ``groups``: :func:`addr_multi_plan` of ``outs``, made before; a step's launches then cost the
+    factors' offsets, not the grouping."""
+    for grp in addr_multi_plan(outs) if groups is None else groups:
         idx = grp.idx
         if any(a[i].dtype != grp.dtype or b[i].dtype != grp.dtype or not a[i].is_contiguous()
                or not b[i].is_contiguous() for i in idx):
             raise ValueError("addr_multi_ needs contiguous factors in their matrix's dtype")
-        bits = grp.ones if betas is None else _float_bits([betas[i] for i in idx])
-        factors, align = _offsets(grp.base, [a[i] for i in idx] + [b[i] for i in idx])
-        table = _device_table(grp.offsets + factors + bits, grp.device)
+        base = outs[idx[0]]
+        factors, align = _offsets(base, [a[i] for i in idx] + [b[i] for i in idx])
+        table = _device_table(grp.offsets + factors + _float_bits([betas[i] for i in idx]), grp.device)
         grid = (_cdiv(grp.m, ADDR_BM), _cdiv(grp.n, ADDR_BN), len(idx))
         with _on(grp.device):
-            _addr_multi_kernel[grid](grp.base, table, len(idx), grp.m, grp.n, float(alpha), BM=ADDR_BM, BN=ADDR_BN,
+            _addr_multi_kernel[grid](base, table, len(idx), grp.m, grp.n, float(alpha), BM=ADDR_BM, BN=ADDR_BN,
                                      ALIGN=min(align, grp.align))
 
 
