@@ -155,8 +155,13 @@ def _add_outer(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
         addr_(out.view(-1, out.shape[-1]), a, b, scale, flip=a.numel() // 2 if paired else None)
         return out
     if paired:
-        a = torch.cat([a[:a.shape[0] // 2], -a[a.shape[0] // 2:]])
+        a = _negated_from(a, a.shape[0] // 2)
     return out + scale * a.unsqueeze(-1) * b
+
+
+def _negated_from(a: torch.Tensor, start: int) -> torch.Tensor:
+    """``a`` with its rows from ``start`` on negated (a new tensor): a paired forward's second half, on torch's path."""
+    return torch.cat([a[:start], -a[start:]])
 
 
 def perturb_output(kind: str, inputs: torch.Tensor, out: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
@@ -228,6 +233,6 @@ def addr_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, bet
         triton_ops.addr_(out, a, b, alpha, beta, flip)
         return
     if flip is not None:  # the same products as the kernel's: alpha·(±a_i)·b_j
-        a = torch.cat([a[:flip], -a[flip:]])
+        a = _negated_from(a, flip)
     out.addr_(a, b, beta=beta, alpha=alpha)
 
