@@ -76,11 +76,12 @@ def prefetch(ps, seeds, step: int, dtype: torch.dtype = _F32) -> list[tuple[torc
 
 
 def _draw_many(ps, seeds, dtype: torch.dtype = _F32) -> tuple[list, list]:
-    """(float32 (u, v) of each matrix, the same in ``dtype``: one cast of each device's buffer). u, v are a function
-    of the seed (and the matrix's shape) alone, whatever the grouping: on a GPU with Triton, the fused kernel's
-    Philox normals (element i of the m + n numbers from (seed, i); all matrices of a device in one launch), elsewhere
-    ``torch.randn`` from a generator seeded per matrix (:func:`_draw`). Each device's factors are views of one buffer,
-    cut in one call (a cut per matrix cost a Llama-3-8B step about a millisecond of Python)."""
+    """(float32 (u, v) of each matrix, the same in ``dtype``: one cast of each device's buffer, or the float32 ones
+    themselves when ``dtype`` is float32). u, v are a function of the seed (and the matrix's shape) alone, whatever
+    the grouping: on a GPU with Triton, the fused kernel's Philox normals (element i of the m + n numbers from
+    (seed, i); all matrices of a device in one launch), elsewhere ``torch.randn`` from a generator seeded per matrix
+    (:func:`_draw`). Each device's factors are views of one buffer, cut in one call (a cut per matrix cost a
+    Llama-3-8B step about a millisecond of Python)."""
     drawn: list = [None] * len(ps)
     cast: list = [None] * len(ps)
     groups: dict = {}
@@ -95,10 +96,10 @@ def _draw_many(ps, seeds, dtype: torch.dtype = _F32) -> tuple[list, list]:
         else:
             for j, view in zip(idx, views):
                 view.copy_(torch.cat(_draw(ps[j], seeds[j], _F32)))
-        for out, parts in ((drawn, buf.split(sizes)), (cast, buf.to(dtype).split(sizes) if dtype != _F32 else None)):
-            if parts is not None:
-                for k, j in enumerate(idx):
-                    out[j] = (parts[2 * k], parts[2 * k + 1])
+        parts = buf.split(sizes)
+        typed = parts if dtype == _F32 else buf.to(dtype).split(sizes)
+        for k, j in enumerate(idx):
+            drawn[j], cast[j] = (parts[2 * k], parts[2 * k + 1]), (typed[2 * k], typed[2 * k + 1])
     return drawn, cast
 
 

@@ -548,10 +548,9 @@ def apply_update_(params: Sequence[torch.Tensor], seeds_and_grads: Sequence[tupl
         # the factors of all matrices at once, those the step's forwards drew; the matrices the Triton kernel
         # takes, in one launch per shape (226 launches a step at the Llama-3-8B shape became five)
         for j, (seed, g) in enumerate(seeds_and_grads):
-            seeds = [tensor_seed(seed, i) for i in ranked]
             uvs: dict[int, tuple] = {}
             for dtype, mine in plan.by_dtype.items():
-                uvs.update(zip(mine, lowrank.prefetch([params[i] for i in mine], [seeds[k] for k in plan.at[dtype]],
+                uvs.update(zip(mine, lowrank.prefetch([params[i] for i in mine], [tensor_seed(seed, i) for i in mine],
                                                       seed, dtype)))
             decay = j == 0 and keep != 1.0  # keep != 1 only with a decay mask
             if plan.big:
@@ -583,13 +582,12 @@ class _UpdatePlan:
         skip = set(skip)
         self.ranked = [i for i, p in enumerate(params) if _rank1(p, dist) and mask_fn is None and i not in skip]
         self.big = [i for i in self.ranked if triton_ops.addr_usable(params[i])]
-        self.small = [i for i in self.ranked if i not in set(self.big)]
+        big = set(self.big)
+        self.small = [i for i in self.ranked if i not in big]
         self.groups = triton_ops.addr_multi_plan([params[i] for i in self.big]) if self.big else None
-        self.by_dtype: dict = {}  # dtype -> the ranked matrices of that dtype, and their positions in ranked
-        self.at: dict = {}
-        for k, i in enumerate(self.ranked):
+        self.by_dtype: dict = {}  # dtype -> the ranked matrices of that dtype
+        for i in self.ranked:
             self.by_dtype.setdefault(params[i].dtype, []).append(i)
-            self.at.setdefault(params[i].dtype, []).append(k)
         self.fused = [i for i, p in enumerate(params)
                       if triton_ops.usable(p, mask_fn) and not _rank1(p, dist) and i not in skip]
         self.decay = [bool(decay_mask[i]) for i in self.fused] if decay_mask is not None else None
